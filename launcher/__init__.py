@@ -1,0 +1,7 @@
+"""launcher: a torchrun-compatible launcher for PyTorch distributed jobs.
+
+The launcher process never imports torch; its workers (the user's program) do.
+"""
+
+__version__ = "0.1.0"
+TORCHRUN_COMPAT = "2.13"

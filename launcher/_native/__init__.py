@@ -1,0 +1,1 @@
+"""Compiled extensions, built from the Cython sources in the top-level ``_native/`` directory."""

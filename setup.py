@@ -1,0 +1,31 @@
+"""Build of the native extensions.
+
+Every ``_native/<name>.pyx`` becomes ``launcher._native.<name>``. There is no
+pure-Python fallback: a source that does not compile fails the build.
+"""
+import glob
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension(
+        f"launcher._native.{os.path.splitext(os.path.basename(path))[0]}",
+        [path],
+        language="c++",
+        include_dirs=["_native"],
+        extra_compile_args=["-O2", "-std=c++17", "-Wall", "-Wno-unused-function"],
+    )
+    for path in sorted(glob.glob("_native/*.pyx"))
+]
+
+setup(
+    packages=["launcher", "launcher._native", "launcher.rendezvous"],
+    ext_modules=cythonize(
+        extensions,
+        include_path=["_native"],
+        language_level=3,
+        compiler_directives={"embedsignature": True},
+    ),
+)

@@ -1,0 +1,34 @@
+"""Shared test helpers: run the launcher as users do, in a subprocess."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = [sys.executable, "-m", "launcher"]
+
+
+def clean_env(**extra):
+    """The test process's environment without torchrun/launcher settings leaking in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_", "SLURM_"))}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_launcher(*args, env=None, timeout=180, cwd=None, **kwargs):
+    """Run ``python -m launcher ARGS`` and return the CompletedProcess (text mode)."""
+    return subprocess.run(
+        LAUNCHER + [str(a) for a in args],
+        env=clean_env() if env is None else env,
+        cwd=cwd or REPO,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def launcher_env():
+    return clean_env()
