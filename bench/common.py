@@ -1,0 +1,99 @@
+"""What every benchmark shares: the result row and ways to time processes.
+
+A benchmark is a module ``bench/bench_<name>.py`` with ``run(runs: int) -> list[Row]``
+that measures ours and its peer (torchrun, torch's TCPStore...) in the same run.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable  # the venv's interpreter: it has torch for the peers
+LAUNCHER = [PYTHON, "-m", "launcher"]
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
+
+
+@dataclass
+class Row:
+    figure: str  # what is measured, with its unit: "2-worker hello-world wall time (ms)"
+    ours: float
+    peer: float | None  # the same figure for the peer, None when the peer has none
+    peer_name: str  # "torchrun", "torch TCPStore (libuv)"
+    target: str  # the goal in words: "ours/peer <= 0.125"
+    met: bool
+
+    @property
+    def ratio(self) -> float | None:
+        return self.ours / self.peer if self.peer else None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def percentile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of one live process, 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_measured(argv, *, env=None, cwd=None, timeout=120, watch_children=False):
+    """Run a command; return (wall seconds, peak RSS in KiB of the process itself).
+
+    The peak is the process's own VmHWM, sampled until it exits, so workers it
+    starts are not counted. With ``watch_children`` its direct children that are
+    not in a session of their own (a onefile bootloader's child) are added.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            pids = [proc.pid] + (own_session_children(proc.pid) if watch_children else [])
+            for pid in pids:
+                peaks[pid] = max(peaks.get(pid, 0), peak_rss_kib(pid))
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}: {stderr.decode()[-2000:]}")
+    return wall, sum(peaks.values())
+
+
+def own_session_children(pid: int) -> list[int]:
+    """Direct children of ``pid`` in its session (workers lead sessions of their own)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        return [c for c in children if os.getsid(c) == os.getsid(pid)]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
