@@ -173,7 +173,7 @@ cdef int parse_string(Cursor *c, Request *req, string *error) noexcept nogil:
         return PARSE_INVALID
     c.pos += 8
     if c.pos + n > c.max_request:
-        snprintf(text, sizeof(text), "request of more than %llu bytes exceeds the limit of %llu bytes",
+        snprintf(text, sizeof(text), "request of at least %llu bytes exceeds the limit of %llu bytes",
                  <unsigned long long>(c.pos + n), <unsigned long long>c.max_request)
         set_error(error, text)
         return PARSE_INVALID
@@ -583,12 +583,14 @@ cdef void cancel_waits(Loop *L, Conn *c) noexcept nogil:
     c.waiters.clear()
 
 
-cdef bint add_to(Loop *L, const string &key, int64_t delta, int64_t *result, string *error) noexcept nogil:
+cdef bint add_to(Loop *L, const string &key, int64_t delta, int64_t *result, const char *command,
+                 string *error) noexcept nogil:
     """ADD's arithmetic: the stored decimal plus delta, wrapping like torch's server."""
     cdef unordered_map[string, string].iterator it = L.kv.find(key)
     cdef int64_t current = 0
     if it != L.kv.end() and not parse_int(deref(it).second, &current):
-        error.assign(b"ADD to a value that is not a 64-bit integer (key ")
+        error.assign(command)
+        error.append(<const char *>b" on a value that is not a 64-bit integer (key ")
         append_printable(error, key)
         error.append(b")")
         return False
@@ -621,7 +623,7 @@ cdef bint execute(Loop *L, Conn *c, const char *frame, Request *req, string *err
         else:
             put_string(out, deref(it).second)
     elif cmd == ADD:
-        if not add_to(L, span_string(frame, req, 0), req.number, &number, error):
+        if not add_to(L, span_string(frame, req, 0), req.number, &number, "ADD", error):
             return False
         put_u64(out, <uint64_t>number)
     elif cmd == CHECK:
@@ -721,7 +723,7 @@ cdef bint execute(Loop *L, Conn *c, const char *frame, Request *req, string *err
             put_string(out, entry.first)
     elif cmd == BARRIER:
         key = span_string(frame, req, 0)
-        if not add_to(L, key, 1, &number, error):
+        if not add_to(L, key, 1, &number, "BARRIER", error):
             return False
         if number >= req.number:
             put_u8(out, STOP_WAITING)
@@ -751,6 +753,10 @@ cdef void close_conn(Loop *L, Conn *c, const string &reason) noexcept nogil:
     if c.closing:
         return
     c.closing = True
+    if c.out_sent < c.outbuf.size():
+        # Best effort: the replies to its valid requests before the bad one. The connection is
+        # going away, so a short or failed send changes nothing.
+        send(c.fd, c.outbuf.data() + c.out_sent, c.outbuf.size() - c.out_sent, MSG_NOSIGNAL | MSG_DONTWAIT)
     if not reason.empty():
         line.assign(b"closed connection from ")
         line.append(c.peer)
@@ -879,6 +885,8 @@ cdef void flush(Loop *L, Conn *c) noexcept nogil:
 cdef void on_readable(Loop *L, Conn *c) noexcept nogil:
     cdef ssize_t n
     cdef size_t budget = READ_BUDGET
+    cdef char text[96]
+    cdef string reason
     while not c.closing and not c.paused and budget > 0:
         n = recv(c.fd, L.scratch, SCRATCH_SIZE, 0)
         if n > 0:
@@ -887,8 +895,12 @@ cdef void on_readable(Loop *L, Conn *c) noexcept nogil:
                 break
             budget -= min(budget, <size_t>n)
         elif n == 0:
-            flush(L, c)  # the replies to what it sent before closing, if it still reads them
-            close_conn(L, c, string())
+            reason.clear()
+            if not c.inbuf.empty():
+                snprintf(text, sizeof(text), "closed in the middle of a request (%zu bytes of it received)",
+                         c.inbuf.size())
+                reason.assign(<const char *>text)
+            close_conn(L, c, reason)
         elif errno == EINTR:
             continue
         elif errno == EAGAIN:
@@ -989,10 +1001,14 @@ cdef void sweep_slow_requests(Loop *L) noexcept nogil:
 
 
 cdef void finish_pass(Loop *L) noexcept nogil:
-    for c in L.dirty:
+    cdef size_t i = 0
+    cdef Conn *c
+    while i < L.dirty.size():  # a flush may resume a connection whose requests mark others dirty
+        c = L.dirty[i]
         c.dirty = False
         if not c.closing:
             flush(L, c)
+        i += 1
     L.dirty.clear()
     for c in L.dead:
         close(c.fd)
@@ -1034,7 +1050,7 @@ cdef void *run_loop(void *arg) noexcept nogil:
             fd = events[i].data.fd
             ev = events[i].events
             if fd == L.wake_fd:
-                read(L.wake_fd, &drained, 8)
+                read(L.wake_fd, &drained, 8)  # only to rearm it; stopping is what matters
             elif is_listener(L, fd):
                 on_acceptable(L, fd)
             elif <size_t>fd < L.by_fd.size() and L.by_fd[fd] != NULL:
