@@ -235,4 +235,4 @@ class StaticRendezvousHandler(RendezvousHandler):
         for store in (self._store, self._hosted):
             if store is not None:
                 store.close()
-        os.close(self._waiting)
+        self._waiting.close()
