@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 __all__ = [
     "ChildFailedError",
+    "ERROR_FILE_ENV",
     "ErrorRecord",
     "Failure",
     "SignalException",
