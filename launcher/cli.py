@@ -421,11 +421,11 @@ def parse_args(args: list[str] | None = None) -> Namespace:
 # From arguments to a launch ---------------------------------------------------------------------
 
 
-def config_from_args(args: Namespace, use_env: bool = True):
+def config_from_args(args: Namespace):
     """``(LaunchConfig, entrypoint, worker args)`` from parsed arguments, as torch's ``config_from_args``.
 
-    ``use_env=False`` is the legacy launch: each worker gets ``--local-rank=N``
-    before the script's own arguments. Sets ``OMP_NUM_THREADS=1`` in this
+    ``args.use_env`` (only the legacy launch has it) False: each worker gets
+    ``--local-rank=N`` before the script's own arguments. Sets ``OMP_NUM_THREADS=1`` in this
     process's environment (the workers inherit it) when more than one worker
     runs per node and the user has not set it.
     """
@@ -486,11 +486,11 @@ def config_from_args(args: Namespace, use_env: bool = True):
         virtual_local_rank=args.virtual_local_rank,
         shutdown_timeout=args.shutdown_timeout,
     )
-    entrypoint, cmd_args = worker_command(args, use_env)
+    entrypoint, cmd_args = worker_command(args)
     return config, entrypoint, cmd_args
 
 
-def worker_command(args: Namespace, use_env: bool = True) -> tuple[str, list[str]]:
+def worker_command(args: Namespace) -> tuple[str, list[str]]:
     """The program each worker runs and its arguments (the agent substitutes ``${local_rank}``)."""
     if args.run_path:
         if args.module:
@@ -507,7 +507,7 @@ def worker_command(args: Namespace, use_env: bool = True) -> tuple[str, list[str
     else:
         cmd_args = ["-u", "-m", args.training_script] if args.module else ["-u", args.training_script]
         entrypoint = worker_python(args.python)
-    if not use_env:
+    if not getattr(args, "use_env", True):  # torch's get_use_env: torchrun's arguments have no use_env
         cmd_args.append(f"--local-rank={LOCAL_RANK_MACRO}")
     return entrypoint, cmd_args + list(args.training_script_args)
 
@@ -561,7 +561,7 @@ def _numa_binding(mode: str | None, nproc_per_node: int) -> str | None:
     return mode
 
 
-def prepare_launch(args: Namespace, use_env: bool = True):
+def prepare_launch(args: Namespace):
     """torchrun's ``run`` up to the launch: settle the rendezvous, then ``config_from_args``.
 
     ``--standalone``: c10d on a free loopback port with a fresh id. Under srun:
@@ -592,7 +592,7 @@ def prepare_launch(args: Namespace, use_env: bool = True):
         log.warning(
             "node_rank is only used for static rdzv_backend. It will be ignored for rdzv_backend=%s.", args.rdzv_backend
         )
-    return config_from_args(args, use_env)
+    return config_from_args(args)
 
 
 def launch(config, entrypoint: str, args: list[str]) -> None:

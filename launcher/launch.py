@@ -42,7 +42,7 @@ def prepare_launch(args: Namespace):
         "launcher.launch is the legacy interface of torch.distributed.launch; use `launcher` (torchrun), "
         "where --use-env is the default: read os.environ['LOCAL_RANK'] instead of --local-rank"
     )
-    return cli.prepare_launch(args, use_env=args.use_env)
+    return cli.prepare_launch(args)
 
 
 def launch(args: Namespace) -> None:

@@ -375,7 +375,9 @@ def test_frozen_launcher_without_python_says_what_to_do(monkeypatch, tmp_path):
 
 
 def test_use_env_false_puts_local_rank_before_the_script_arguments():
-    _, entrypoint, args = cli.prepare_launch(cli.parse_args(["train.py", "--lr", "1"]), use_env=False)
+    args = cli.parse_args(["train.py", "--lr", "1"])
+    args.use_env = False  # as the legacy launch's parser sets it
+    _, _, args = cli.prepare_launch(args)
     assert args == ["-u", "train.py", "--local-rank=${local_rank}", "--lr", "1"]
 
 
