@@ -148,13 +148,13 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return integer
 
 
-def _positive_number(value: str) -> float:
+def _seconds(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        number = 0.0
-    if not number > 0:
-        raise ArgumentTypeError(f"expected a number of seconds > 0, got {value!r}")
+        number = -1.0
+    if not number >= 0:
+        raise ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
     return number
 
 
@@ -333,7 +333,7 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
 
     add("--max-restarts", "--max_restarts", action=EnvDefault, type=_integer(0), default=0,
         help="Maximum number of worker group restarts before failing.")
-    add("--monitor-interval", "--monitor_interval", action=EnvDefault, type=_positive_number, default=0.1,
+    add("--monitor-interval", "--monitor_interval", action=EnvDefault, type=_seconds, default=0.1,
         help="Accepted for torchrun compatibility; not needed here: worker exits are seen the moment they happen.")
     add("--start-method", "--start_method", action=EnvDefault, type=_one_of(START_METHODS), default="spawn",
         metavar="{" + ",".join(START_METHODS) + "}",
@@ -453,6 +453,11 @@ def config_from_args(args: Namespace):
             raise UsageError(f"argument --node-rank: expected 0 to {max_nodes - 1} (--nnodes={args.nnodes}), got {args.node_rank}")
         rdzv_configs["rank"] = args.node_rank
     rdzv_endpoint = args.rdzv_endpoint
+    if args.rdzv_backend in ("static", "c10d") and ("," in rdzv_endpoint or "://" in rdzv_endpoint):
+        raise UsageError(
+            f"argument --rdzv-endpoint: {args.rdzv_backend} takes one <host>[:<port>] (lists and URLs are for etcd), "
+            f"got {rdzv_endpoint!r}"
+        )
     if args.rdzv_backend == "static" and not rdzv_endpoint:
         rdzv_endpoint = f"{args.master_addr}:{args.master_port}"
 

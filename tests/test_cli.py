@@ -175,13 +175,15 @@ BAD_INPUT = [
     (["--rdzv-endpoint=head:99999"], "--rdzv-endpoint"),
     (["--rdzv-endpoint=::1:29400"], "--rdzv-endpoint"),
     (["--rdzv-endpoint=he ad:1"], "--rdzv-endpoint"),
+    (["--rdzv-backend=c10d", "--rdzv-endpoint=a:1,b:2"], "--rdzv-endpoint"),
+    (["--rdzv-backend=c10d", "--rdzv-endpoint=http://a:1"], "--rdzv-endpoint"),
     (["--rdzv-id="], "--rdzv-id"),
     (["--rdzv-conf=timeout"], "--rdzv-conf"),
     (["--rdzv-conf==5"], "--rdzv-conf"),
     (["--rdzv-conf=a=1,,b=2"], "--rdzv-conf"),
     (["--max-restarts=-1"], "--max-restarts"),
     (["--max-restarts=x"], "--max-restarts"),
-    (["--monitor-interval=0"], "--monitor-interval"),
+    (["--monitor-interval=-1"], "--monitor-interval"),
     (["--start-method=thread"], "--start-method"),
     (["--event-log-handler=dynamic_rendezvous"], "--event-log-handler"),
     (["--role="], "--role"),
@@ -425,7 +427,8 @@ def test_rdzv_conf_parsing_strips_quotes():
 @pytest.mark.parametrize("endpoint", ["head", "head:29400", "10.0.0.1:1", "[::1]:29400", "[fe80::1%eth0]",
                                       "etcd1:2379,etcd2:2379", "http://etcd:2379"])
 def test_rendezvous_endpoints_accepted(endpoint):
-    assert parse(f"--rdzv-endpoint={endpoint}").rdzv_endpoint == endpoint
+    config, _, _ = prepare("--rdzv-backend=etcd", f"--rdzv-endpoint={endpoint}")
+    assert config.rdzv_endpoint == endpoint
 
 
 def test_master_addr_warning_only_when_given_and_unused(caplog):
