@@ -71,6 +71,21 @@ cdef extern from "<signal.h>" nogil:
     const char *sigabbrev_np(int sig)
     const char *strsignal(int sig)
 
+cdef extern from "<sched.h>" nogil:
+    ctypedef struct cpu_set_t:
+        pass
+    size_t CPU_ALLOC_SIZE(int count)
+    cpu_set_t *CPU_ALLOC(int count)
+    void CPU_FREE(cpu_set_t *set)
+    void CPU_ZERO_S(size_t size, cpu_set_t *set)
+    void CPU_SET_S(int cpu, size_t size, cpu_set_t *set)
+
+cdef extern from "<sys/wait.h>" nogil:
+    enum:
+        CLD_EXITED
+        CLD_KILLED
+        CLD_DUMPED
+
 cdef extern from "<sys/signalfd.h>" nogil:
     enum:
         SFD_CLOEXEC

@@ -1,0 +1,284 @@
+/* The two places where the launcher forks: a worker (fork, set up, exec) and
+ * the guardian (fork, then wait for the launcher to go away).
+ *
+ * Both children run in a copy of a multi-threaded process, so between fork
+ * and exec/_exit they make only async-signal-safe calls on memory prepared
+ * before the fork. Every call's result is checked; a worker that cannot be
+ * set up or executed reports {stage, errno} through a CLOEXEC pipe, which
+ * reads empty in the parent once exec has succeeded.
+ */
+#ifndef LAUNCHER_SUPERVISOR_SPAWN_H
+#define LAUNCHER_SUPERVISOR_SPAWN_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "linux_compat.h"
+
+/* waitid on a pidfd: C++ wants P_PIDFD (newer than many C libraries) as an idtype_t. */
+static inline int launcher_waitid_pidfd(int pidfd, siginfo_t *info, int options) {
+    return waitid((idtype_t)P_PIDFD, (id_t)pidfd, info, options);
+}
+
+#ifndef MPOL_BIND
+#define MPOL_BIND 2
+#endif
+
+/* Where a worker's set-up failed: names the failing step in the parent's error. */
+enum launcher_spawn_stage {
+    LAUNCHER_STAGE_NONE = 0,
+    LAUNCHER_STAGE_SETUP = 1,    /* signals, session, parent-death signal, stdio */
+    LAUNCHER_STAGE_CWD = 2,
+    LAUNCHER_STAGE_CPUS = 3,
+    LAUNCHER_STAGE_MEM_NODES = 4,
+    LAUNCHER_STAGE_EXEC = 5,
+};
+
+struct launcher_spawn_report {
+    int32_t stage;
+    int32_t error;
+};
+
+struct launcher_spawn_spec {
+    char *const *programs; /* NULL-terminated: the paths to try, in PATH order */
+    char *const *argv;
+    char *const *envp;
+    const char *cwd;       /* NULL: the launcher's */
+    int stdout_fd;         /* -1: the launcher's own */
+    int stderr_fd;         /* -1: the launcher's own */
+    const cpu_set_t *cpus; /* NULL: no affinity */
+    size_t cpus_size;
+    const unsigned long *mem_nodes; /* NULL: no memory binding */
+    unsigned long mem_nodes_bits;
+};
+
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+
+/* Close fds first..last: close_range (Linux 5.9) where the kernel has it,
+ * else one close per fd below the open-files limit. */
+static int launcher_close_range(unsigned int first, unsigned int last) {
+    if (syscall(SYS_close_range, first, last, 0) == 0) return 0;
+    if (errno != ENOSYS) return -1;
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return -1;
+    for (rlim_t fd = first; fd <= last && fd < limit.rlim_cur; fd++) close((int)fd);
+    return 0;
+}
+
+/* Close every fd from lowfd up, except keep (-1: none). */
+static int launcher_close_from(int lowfd, int keep) {
+    if (keep < lowfd) return launcher_close_range((unsigned int)lowfd, ~0U);
+    if (keep > lowfd && launcher_close_range((unsigned int)lowfd, (unsigned int)keep - 1) != 0) return -1;
+    return launcher_close_range((unsigned int)keep + 1, ~0U);
+}
+
+/* dup2 that also works when fd already is target (it must lose CLOEXEC). */
+static int launcher_dup_to(int fd, int target) {
+    if (fd == target) return fcntl(fd, F_SETFD, 0);
+    return dup2(fd, target) < 0 ? -1 : 0;
+}
+
+static void launcher_report_and_exit(int report_fd, int stage) {
+    struct launcher_spawn_report report = {stage, errno};
+    ssize_t ignored = write(report_fd, &report, sizeof report);
+    (void)ignored; /* nothing more a dying child can do */
+    _exit(127);
+}
+
+/* Reset what a child must not inherit: the launcher blocks the signals it
+ * reads from signalfds and Python ignores SIGPIPE. */
+static int launcher_default_signals(void) {
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP) continue;
+        /* EINVAL: a signal number the C library reserves for itself */
+        if (sigaction(sig, &dfl, NULL) != 0 && errno != EINVAL) return -1;
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    return sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t parent, int report_fd) {
+    if (launcher_default_signals() != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (setsid() < 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    /* The launcher may have died before the death signal was armed. */
+    if (getppid() != parent) _exit(127);
+    if (spec->stdout_fd >= 0 && launcher_dup_to(spec->stdout_fd, 1) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (spec->stderr_fd >= 0 && launcher_dup_to(spec->stderr_fd, 2) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (launcher_close_from(3, report_fd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (spec->cwd && chdir(spec->cwd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CWD);
+    if (spec->cpus && sched_setaffinity(0, spec->cpus_size, spec->cpus) != 0)
+        launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CPUS);
+    /* The kernel reads maxnode - 1 bits of the mask. */
+    if (spec->mem_nodes && syscall(SYS_set_mempolicy, MPOL_BIND, spec->mem_nodes, spec->mem_nodes_bits + 1) != 0)
+        launcher_report_and_exit(report_fd, LAUNCHER_STAGE_MEM_NODES);
+    /* execvp's rule: go on past a missing candidate, remember any other error. */
+    int error = ENOENT;
+    for (char *const *program = spec->programs; *program; program++) {
+        execve(*program, spec->argv, spec->envp);
+        if (errno != ENOENT && errno != ENOTDIR) {
+            if (error == ENOENT || error == ENOTDIR) error = errno;
+        }
+    }
+    errno = error;
+    launcher_report_and_exit(report_fd, LAUNCHER_STAGE_EXEC);
+}
+
+/* Fork and exec one worker. Returns its pid once exec has succeeded; -1 with
+ * errno set and *stage naming the failed step otherwise (the child is reaped). */
+static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) {
+    int report[2];
+    *stage = LAUNCHER_STAGE_SETUP;
+    if (pipe2(report, O_CLOEXEC) != 0) return -1;
+    /* No launcher signal handler may run in the child before it resets them. */
+    sigset_t all, previous;
+    sigfillset(&all);
+    int error = pthread_sigmask(SIG_SETMASK, &all, &previous);
+    if (error != 0) {
+        close(report[0]);
+        close(report[1]);
+        errno = error;
+        return -1;
+    }
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(report[0]);
+        launcher_worker_child(spec, parent, report[1]);
+    }
+    int fork_errno = errno;
+    error = pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    close(report[1]);
+    if (pid < 0 || error != 0) {
+        close(report[0]);
+        errno = pid < 0 ? fork_errno : error;
+        return -1;
+    }
+    struct launcher_spawn_report failure;
+    ssize_t got;
+    do {
+        got = read(report[0], &failure, sizeof failure);
+    } while (got < 0 && errno == EINTR);
+    int read_errno = errno;
+    close(report[0]);
+    if (got == 0) {
+        *stage = LAUNCHER_STAGE_NONE;
+        return pid;
+    }
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    if (got == (ssize_t)sizeof failure) {
+        *stage = failure.stage;
+        errno = failure.error;
+    } else {
+        errno = got < 0 ? read_errno : EPIPE;
+    }
+    return -1;
+}
+
+/* The guardian: holds the read end of a pipe whose write end only the
+ * launcher has. The launcher writes one record per process group it starts
+ * or forgets; when the pipe reads EOF (the launcher is gone, however it
+ * went) the guardian SIGKILLs every group it still knows and exits. */
+#define LAUNCHER_GUARDIAN_ADD 1
+#define LAUNCHER_GUARDIAN_FORGET 2
+#define LAUNCHER_GUARDIAN_CAPACITY 65536
+
+struct launcher_guardian_record {
+    int32_t op;
+    int32_t pgid;
+};
+
+static pid_t launcher_guardian_groups[LAUNCHER_GUARDIAN_CAPACITY];
+
+static void launcher_guardian_child(int read_fd) {
+    /* Its own session: a terminal's Ctrl-C or hang-up for the launcher's
+     * foreground group never reaches it; it ignores the rest of what a job
+     * scheduler sends, so only the pipe decides when it acts. */
+    if (setsid() < 0) _exit(1);
+    prctl(PR_SET_NAME, (unsigned long)"launcher-guard", 0, 0, 0);
+    struct sigaction ignore;
+    memset(&ignore, 0, sizeof ignore);
+    ignore.sa_handler = SIG_IGN;
+    const int ignored[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGPIPE};
+    for (size_t i = 0; i < sizeof ignored / sizeof ignored[0]; i++) {
+        if (sigaction(ignored[i], &ignore, NULL) != 0) _exit(1);
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0) _exit(1);
+    if (dup2(read_fd, 0) < 0) _exit(1);
+    if (launcher_close_from(1, -1) != 0) _exit(1);
+    size_t count = 0;
+    struct launcher_guardian_record records[512];
+    size_t pending = 0; /* bytes of a record split across reads */
+    for (;;) {
+        ssize_t got = read(0, (char *)records + pending, sizeof records - pending);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) break; /* EOF: the launcher is gone */
+        pending += (size_t)got;
+        size_t whole = pending / sizeof records[0];
+        for (size_t i = 0; i < whole; i++) {
+            if (records[i].op == LAUNCHER_GUARDIAN_ADD && count < LAUNCHER_GUARDIAN_CAPACITY) {
+                launcher_guardian_groups[count++] = records[i].pgid;
+            } else if (records[i].op == LAUNCHER_GUARDIAN_FORGET) {
+                for (size_t j = 0; j < count; j++) {
+                    if (launcher_guardian_groups[j] == records[i].pgid) {
+                        launcher_guardian_groups[j] = launcher_guardian_groups[--count];
+                        break;
+                    }
+                }
+            }
+        }
+        pending -= whole * sizeof records[0];
+        memmove(records, (char *)records + whole * sizeof records[0], pending);
+    }
+    for (size_t j = 0; j < count; j++) kill(-launcher_guardian_groups[j], SIGKILL);
+    _exit(0);
+}
+
+/* Start the guardian; *write_fd receives the launcher's end (CLOEXEC). */
+static pid_t launcher_guardian_start(int *write_fd) {
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) return -1;
+    sigset_t all, previous;
+    sigfillset(&all);
+    int error = pthread_sigmask(SIG_SETMASK, &all, &previous);
+    if (error != 0) {
+        close(fds[0]);
+        close(fds[1]);
+        errno = error;
+        return -1;
+    }
+    pid_t pid = fork();
+    if (pid == 0) launcher_guardian_child(fds[0]);
+    int fork_errno = errno;
+    error = pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    close(fds[0]);
+    if (pid < 0 || error != 0) {
+        close(fds[1]);
+        errno = pid < 0 ? fork_errno : error;
+        return -1;
+    }
+    *write_fd = fds[1];
+    return pid;
+}
+
+#endif

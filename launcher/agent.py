@@ -1,0 +1,295 @@
+"""The elastic agent: rendezvous, start the local workers, wait on events, restart or finish.
+
+One loop per launcher process (one per node)::
+
+    rendezvous -> ranks -> start the worker group -> wait for an event:
+        every worker exited 0          -> exit barrier with the other nodes, done
+        a worker failed                -> stop the group; restart while restarts remain, else report
+        a node waits to join (< MAX)   -> stop the group, restart with the larger world
+        a handled signal               -> forward it, give the workers the shutdown timeout, exit 128+signum
+
+The agent never polls: it sleeps in the supervisor's event loop, which wakes
+on a worker exit, a signal, or the rendezvous' "node waiting" descriptor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from launcher import rendezvous
+from launcher.api import LaunchConfig
+from launcher.errors import Failure, SignalException
+from launcher.logs import AttemptLogs
+from launcher.rendezvous import RendezvousInfo
+from launcher.store import StoreInterrupted
+from launcher.supervisor import SignalWatch, WorkerExit, WorkerGroup, WorkerLaunch
+
+log = logging.getLogger("launcher")
+
+LOCAL_RANK_MACRO = "${local_rank}"
+EXIT_BARRIER_TIMEOUT = 300.0
+
+
+@dataclass
+class RunResult:
+    """How the local worker group ended."""
+
+    failures: list[Failure] = field(default_factory=list)  # empty when every worker succeeded
+    return_values: dict[int, Any] = field(default_factory=dict)  # by global rank, for function entrypoints
+    attempt_dir: str = ""  # the last attempt's log directory
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
+
+@dataclass
+class Ranks:
+    """This node's place in the world of one rendezvous round."""
+
+    group_rank: int
+    group_world_size: int
+    world_size: int
+    base_rank: int  # global rank of this node's local rank 0
+    role_rank_base: int
+    role_world_size: int
+
+    @classmethod
+    def of(cls, info: RendezvousInfo) -> "Ranks":
+        me = info.nodes[info.rank]
+        earlier = info.nodes[: info.rank]
+        same_role = [node for node in info.nodes if node.role == me.role]
+        return cls(
+            group_rank=info.rank,
+            group_world_size=len(info.nodes),
+            world_size=sum(node.local_world_size for node in info.nodes),
+            base_rank=sum(node.local_world_size for node in earlier),
+            role_rank_base=sum(node.local_world_size for node in earlier if node.role == me.role),
+            role_world_size=sum(node.local_world_size for node in same_role),
+        )
+
+
+class Agent:
+    """Runs the local worker group of one node until it succeeds, fails for good, or is signalled."""
+
+    def __init__(
+        self,
+        config: LaunchConfig,
+        entrypoint: str | Callable,
+        args: list[str],
+        handler: rendezvous.RendezvousHandler,
+        signals: SignalWatch,
+    ):
+        self.config = config
+        self.entrypoint = entrypoint
+        self.args = list(args)
+        self.handler = handler
+        self.signals = signals
+        self.host = socket.getfqdn()
+        self.restart_count = 0
+
+    def run(self) -> RunResult:
+        remaining_restarts = self.config.max_restarts
+        while True:
+            info = self._rendezvous()
+            ranks = Ranks.of(info)
+            attempt_logs = self.config.logs_specs.attempt(
+                self.handler.run_id,
+                self.restart_count,
+                self.config.role,
+                {local: ranks.base_rank + local for local in range(self.config.nproc_per_node)},
+                self.config.log_line_prefix_template,
+            )
+            group = WorkerGroup(
+                self._worker_launches(info, ranks, attempt_logs),
+                attempt_logs,
+                shutdown_timeout=float(self.config.shutdown_timeout),
+                signal_watch=self.signals,
+                duplicate_stdout_filters=self.config.duplicate_stdout_filters or (),
+                duplicate_stderr_filters=self.config.duplicate_stderr_filters or (),
+            )
+            self._event("workers_started", round=info.round, group_rank=ranks.group_rank, world_size=ranks.world_size)
+            group.start()
+            outcome, failed = self._monitor(group, info)
+            if outcome == "succeeded":
+                self._event("workers_succeeded", round=info.round)
+                result = RunResult(return_values=self._return_values(attempt_logs, ranks), attempt_dir=attempt_logs.directory)
+                self._exit_barrier(info)
+                return result
+            if outcome == "failed":
+                failures = [self._failure(exit, attempt_logs) for exit in failed]
+                self._event("workers_failed", round=info.round, failed_ranks=[f.rank for f in failures])
+                if remaining_restarts == 0:
+                    return RunResult(failures=failures, attempt_dir=attempt_logs.directory)
+                log.warning(
+                    "[%s] worker group failed (%s); %d/%d restarts left, restarting",
+                    self.config.role,
+                    ", ".join(f"rank {f.rank}: {exit.status}" for f, exit in zip(failures, failed)),
+                    remaining_restarts,
+                    self.config.max_restarts,
+                )
+                remaining_restarts -= 1
+            else:
+                log.warning("[%s] a node is waiting to join; restarting with the larger world", self.config.role)
+            self.restart_count += 1
+
+    def _rendezvous(self) -> RendezvousInfo:
+        try:
+            return self.handler.next_rendezvous()
+        except StoreInterrupted:
+            raise SignalException(f"Process {os.getpid()} got signal", self._pending_signal()) from None
+
+    def _pending_signal(self) -> signal.Signals:
+        signum = self.signals.read()
+        return signal.Signals(signum if signum is not None else signal.SIGTERM)
+
+    def _monitor(self, group: WorkerGroup, info: RendezvousInfo) -> tuple[str, list[WorkerExit]]:
+        """Wait for the group to succeed, fail, or be overtaken by a joining node."""
+        waiting_fd = self.handler.waiting_fd()
+        watch = [waiting_fd] if waiting_fd is not None and len(info.nodes) < self.config.max_nodes else []
+        while True:
+            event = group.wait(watch_fds=watch)
+            if event.kind == "exited":
+                failed = [exit for exit in event.exits if exit.failed]
+                if failed:
+                    group.stop()
+                    return "failed", failed
+                if len(group.exits) == self.config.nproc_per_node:
+                    return "succeeded", []
+            elif event.kind == "signal":
+                sig = signal.Signals(event.signum)
+                log.warning("received %s: forwarding it to the workers", sig.name)
+                group.stop(first_signal=sig)
+                raise SignalException(f"Process {os.getpid()} got signal: {sig.value}", sig)
+            elif event.kind == "fd" and self.handler.num_nodes_waiting() > 0:
+                group.stop()
+                return "membership", []
+
+    def _worker_launches(self, info: RendezvousInfo, ranks: Ranks, attempt_logs: AttemptLogs) -> list[WorkerLaunch]:
+        bindings = self._numa_bindings()
+        launches = []
+        for local_rank in range(self.config.nproc_per_node):
+            global_rank = ranks.base_rank + local_rank
+            worker_logs = attempt_logs.workers[local_rank]
+            env = dict(os.environ)
+            env.update(
+                {
+                    "RANK": str(global_rank),
+                    "GROUP_RANK": str(ranks.group_rank),
+                    "ROLE_RANK": str(ranks.role_rank_base + local_rank),
+                    "ROLE_NAME": self.config.role,
+                    "LOCAL_WORLD_SIZE": str(self.config.nproc_per_node),
+                    "WORLD_SIZE": str(ranks.world_size),
+                    "GROUP_WORLD_SIZE": str(ranks.group_world_size),
+                    "ROLE_WORLD_SIZE": str(ranks.role_world_size),
+                    "MASTER_ADDR": info.master_addr,
+                    "MASTER_PORT": str(info.master_port),
+                    "TORCHELASTIC_RESTART_COUNT": str(self.restart_count),
+                    "TORCHELASTIC_MAX_RESTARTS": str(self.config.max_restarts),
+                    "TORCHELASTIC_RUN_ID": self.handler.run_id,
+                    "TORCHELASTIC_USE_AGENT_STORE": str(True),
+                    "TORCHELASTIC_SIGNALS_TO_HANDLE": self.config.signals_to_handle,
+                    "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+                    "TORCHELASTIC_ERROR_FILE": worker_logs.error_file,
+                    "LOCAL_RANK": str(local_rank),
+                }
+            )
+            if self.config.virtual_local_rank:
+                env["LOCAL_RANK"] = "0"
+                env["CUDA_VISIBLE_DEVICES"] = self._visible_device(local_rank)
+            cpus, mem_nodes = bindings.get(local_rank, (None, None))
+            launches.append(
+                WorkerLaunch(
+                    local_rank=local_rank,
+                    global_rank=global_rank,
+                    argv=self._argv(local_rank, attempt_logs),
+                    env=env,
+                    logs=worker_logs,
+                    cpus=cpus,
+                    mem_nodes=mem_nodes,
+                )
+            )
+        return launches
+
+    def _argv(self, local_rank: int, attempt_logs: AttemptLogs) -> list[str]:
+        if callable(self.entrypoint):
+            return [sys.executable, "-u", "-m", "launcher.run_function", self._function_payload(attempt_logs)]
+        args = [arg.replace(LOCAL_RANK_MACRO, str(local_rank)) for arg in self.args]
+        return [self.entrypoint, *args]
+
+    def _function_payload(self, attempt_logs: AttemptLogs) -> str:
+        """Pickle the function and its arguments once per attempt, with the path to import it from."""
+        path = os.path.join(attempt_logs.directory, "function.pkl")
+        if not os.path.exists(path):
+            with open(path, "wb") as out:
+                pickle.dump((list(sys.path), pickle.dumps((self.entrypoint, self.args))), out)
+        return path
+
+    def _return_values(self, attempt_logs: AttemptLogs, ranks: Ranks) -> dict[int, Any]:
+        if not callable(self.entrypoint):
+            return {}
+        values = {}
+        for local_rank, worker_logs in attempt_logs.workers.items():
+            with open(os.path.join(os.path.dirname(worker_logs.error_file), "return_value.pkl"), "rb") as f:
+                values[ranks.base_rank + local_rank] = pickle.load(f)
+        return values
+
+    def _visible_device(self, local_rank: int) -> str:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            return str(local_rank)
+        devices = [d.strip() for d in visible.split(",")]
+        if local_rank >= len(devices):
+            raise ValueError(f"local rank {local_rank} has no device in CUDA_VISIBLE_DEVICES={visible}")
+        return devices[local_rank]
+
+    def _numa_bindings(self) -> dict:
+        if not self.config.numa_binding:
+            return {}
+        from launcher.devices import numa_bindings
+
+        return numa_bindings(self.config.numa_binding, self.config.nproc_per_node) or {}
+
+    def _failure(self, exit: WorkerExit, attempt_logs: AttemptLogs) -> Failure:
+        error_file = attempt_logs.workers[exit.local_rank].error_file
+        return Failure(
+            rank=exit.global_rank,
+            local_rank=exit.local_rank,
+            role=self.config.role,
+            host=self.host,
+            pid=exit.pid,
+            exitcode=exit.exitcode,
+            signal=exit.signal,
+            core_dumped=exit.core_dumped,
+            ended_at=exit.ended_at,
+            error_file=error_file if os.path.exists(error_file) else None,
+            stderr_tail=exit.stderr_tail,
+        )
+
+    def _exit_barrier(self, info: RendezvousInfo) -> None:
+        """Keep this node (and the store it may host) up until every node's workers are done."""
+        if len(info.nodes) == 1:
+            return
+        started = time.monotonic()
+        try:
+            if info.store.add("exit_barrier/count", 1) == len(info.nodes):
+                info.store.set("exit_barrier/done", "1")
+            info.store.wait(["exit_barrier/done"], EXIT_BARRIER_TIMEOUT)
+        except StoreInterrupted:
+            raise SignalException(f"Process {os.getpid()} got signal", self._pending_signal()) from None
+        except Exception as error:  # a lost peer must not turn this node's success into a failure
+            log.warning("exit barrier ended after %.0f s: %s", time.monotonic() - started, error)
+
+    def _event(self, name: str, **metadata) -> None:
+        """Agent events, written as JSON lines when --event-log-handler=console."""
+        if self.config.event_log_handler == "console":
+            record = {"name": name, "run_id": self.handler.run_id, "host": self.host, "time": time.time(), **metadata}
+            print(json.dumps(record), file=sys.stderr, flush=True)

@@ -1,0 +1,102 @@
+"""The single-node path end to end: python -m launcher --standalone with real workers."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import LAUNCHER, REPO, clean_env, run_launcher
+
+WORKERS = os.path.join(REPO, "tests", "workers")
+TORCHRUN_ENV = [
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
+    "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_ERROR_FILE", "OMP_NUM_THREADS",
+]
+
+
+def test_launcher_never_imports_torch():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "launcher", "--help"],
+        capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "launcher" in imported
+    assert not [name for name in imported if name.split(".")[0] == "torch"]
+
+
+def test_native_parts_are_compiled_extensions():
+    import launcher._native.store as store
+    import launcher._native.supervisor as supervisor
+
+    for module in (store, supervisor):
+        assert module.__file__.endswith(".so"), module.__file__
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_python_script_workers_get_the_torchrun_environment(tmp_path, nproc):
+    result = run_launcher("--standalone", f"--nproc-per-node={nproc}", f"{WORKERS}/env_dump.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    dumps = [json.load(open(tmp_path / f"{rank}.json")) for rank in range(nproc)]
+    for rank, dump in enumerate(dumps):
+        env = dump["env"]
+        missing = [name for name in TORCHRUN_ENV if name not in env]
+        assert not missing, missing
+        assert env["RANK"] == env["LOCAL_RANK"] == env["ROLE_RANK"] == str(rank)
+        assert env["WORLD_SIZE"] == env["LOCAL_WORLD_SIZE"] == env["ROLE_WORLD_SIZE"] == str(nproc)
+        assert (env["GROUP_RANK"], env["GROUP_WORLD_SIZE"]) == ("0", "1")
+        assert env["ROLE_NAME"] == "default"
+        assert env["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+        assert env["TORCHELASTIC_RESTART_COUNT"] == "0"
+        assert env["TORCHELASTIC_MAX_RESTARTS"] == "0"
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+        assert env["OMP_NUM_THREADS"] == "1"
+        assert env["TORCHELASTIC_ERROR_FILE"].endswith(f"/attempt_0/{rank}/error.json")
+        assert dump["argv"] == [str(tmp_path)]
+    # one job: one run id, one store every worker can reach
+    assert len({d["env"]["TORCHELASTIC_RUN_ID"] for d in dumps}) == 1
+    assert len({(d["env"]["MASTER_ADDR"], d["env"]["MASTER_PORT"]) for d in dumps}) == 1
+    assert len({d["pid"] for d in dumps}) == nproc
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_bash_script_with_no_python(tmp_path, nproc):
+    result = run_launcher("--standalone", f"--nproc-per-node={nproc}", "--no-python", f"{WORKERS}/env_dump.sh", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{rank}.env" for rank in range(nproc))
+    for rank in range(nproc):
+        env = dict(line.split("=", 1) for line in open(tmp_path / f"{rank}.env").read().splitlines() if "=" in line)
+        assert env["RANK"] == str(rank) and env["WORLD_SIZE"] == str(nproc)
+        assert f"bash worker {rank} of {nproc}" in result.stdout
+
+
+def test_a_failing_worker_fails_the_launch_with_a_summary(tmp_path):
+    result = run_launcher(
+        "--standalone", "--nproc-per-node=2", f"{WORKERS}/env_dump.py", tmp_path, "--fail-rank=1", "--exit-code=3"
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "FAILED" in result.stderr
+    assert "rank      : 1 (local_rank: 1)" in result.stderr
+    assert "exitcode  : 3" in result.stderr
+    assert "rank 1 failing on purpose" in result.stderr  # the stderr tail stands in for a missing error file
+
+
+def test_example_training_job(tmp_path):
+    result = run_launcher("--standalone", "--nproc-per-node=2", "examples/train.py", "--steps", "50", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "trained 50 steps on 2 ranks (gloo)" in result.stdout
+    assert "final loss:" in result.stdout
+    assert "parameters identical on all ranks: True" in result.stdout
+
+
+def test_no_worker_outlives_the_launch(tmp_path):
+    result = run_launcher("--standalone", "--nproc-per-node=2", f"{WORKERS}/env_dump.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    for rank in range(2):
+        pid = json.load(open(tmp_path / f"{rank}.json"))["pid"]
+        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} still exists"

@@ -1,0 +1,71 @@
+"""Acts as the launcher process around one WorkerGroup, with the agent's policy.
+
+    python sup_harness.py SPEC.json
+
+SPEC: {"nproc", "argv" (each "{rank}" becomes the local rank), "log_dir",
+"redirects", "tee", "local_ranks_filter", "prefix_template", "filters_out",
+"filters_err", "shutdown_timeout", "signals", "state"}. Once the workers run,
+"state" gets {"launcher", "workers": {rank: pid}}; at the end, "<state>.exits"
+gets every exit. Exit code: 0, 1 on a failure, 128+signum on a signal.
+"""
+import json
+import os
+import signal
+import sys
+
+from launcher.logs import LogsSpecs, Std
+from launcher.supervisor import SignalWatch, WorkerGroup, WorkerLaunch
+
+
+def main(spec_path):
+    with open(spec_path) as f:
+        spec = json.load(f)
+    nproc = spec.get("nproc", 2)
+    logs = LogsSpecs(
+        log_dir=spec["log_dir"],
+        redirects=Std.from_str(spec.get("redirects", "0")),
+        tee=Std.from_str(spec.get("tee", "0")),
+        local_ranks_filter=set(spec["local_ranks_filter"]) if spec.get("local_ranks_filter") else None,
+    )
+    attempt = logs.attempt("run", 0, "default", {r: r for r in range(nproc)}, spec.get("prefix_template"))
+    signals = [signal.Signals[name] for name in spec.get("signals", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")]
+    with SignalWatch(signals) as watch:
+        workers = [
+            WorkerLaunch(rank, rank, [arg.replace("{rank}", str(rank)) for arg in spec["argv"]],
+                         dict(os.environ, RANK=str(rank)), attempt.workers[rank])
+            for rank in range(nproc)
+        ]
+        group = WorkerGroup(
+            workers, attempt, shutdown_timeout=spec.get("shutdown_timeout", 30.0), signal_watch=watch,
+            duplicate_stdout_filters=spec.get("filters_out", ()), duplicate_stderr_filters=spec.get("filters_err", ()),
+        )
+        try:
+            group.start()
+        except OSError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        write_json(spec["state"], {"launcher": os.getpid(), "workers": group.pids(), "attempt": attempt.directory})
+        code = None
+        while code is None:
+            event = group.wait()
+            if event.kind == "signal":
+                group.stop(first_signal=event.signum)
+                code = 128 + event.signum
+            elif event.kind == "exited" and any(e.failed for e in event.exits):
+                group.stop()
+                code = 1
+            elif len(group.exits) == nproc:
+                code = 0
+        exits = group.stop()
+        write_json(spec["state"] + ".exits", [vars(e) | {"status": e.status} for e in exits])
+        return code
+
+
+def write_json(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.rename(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
