@@ -167,3 +167,21 @@ def test_a_joining_node_restarts_the_job_at_the_larger_size(request, launchers, 
     finish([first, second])
     # The first node restarted (its restart count is 1), the second started fresh.
     check_world(records(worker, 2), 2, restart_counts=("0", "1"))
+
+
+def test_static_restart_starts_from_a_clean_store(launchers, tmp_path):
+    """Rank 1 fails in attempt 0 after leaving keys in the static store; attempt 1 must not see them."""
+    port = get_free_port()
+    options = ["--nnodes=2", "--rdzv-backend=static", "--master-addr=127.0.0.2", f"--master-port={port}",
+               "--max-restarts=1"]
+    procs = []
+    for node in range(2):
+        procs.append(subprocess.Popen(
+            LAUNCHER + [f"--nproc-per-node={NPROC}", f"--local-addr=127.0.0.{node + 2}", f"--node-rank={node}",
+                        *options, os.path.join(REPO, "tests", "workers", "restart_gloo.py"), str(tmp_path)],
+            env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    launchers += procs
+    finish(procs)
+    for rank in range(2 * NPROC):
+        assert (tmp_path / f"attempt1_{rank}").read_text() == "sum=10 stale=[]\n"
