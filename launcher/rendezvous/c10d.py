@@ -32,6 +32,9 @@ from launcher.store import DistError, DistNetworkError, DistStoreError, StoreInt
 
 DEFAULT_PORT = 29400
 LEFT = b"left"
+# compare_set with an expected value no key holds reads without waiting, in one
+# round trip: it returns the value, or (torch's rule) this very value for a missing key.
+_ABSENT = b"\0absent"
 
 
 class StoreBackend(KeyValueBackend):
@@ -62,11 +65,8 @@ class StoreBackend(KeyValueBackend):
         return self._prefix + key
 
     def get(self, key: str) -> bytes | None:
-        full = self._key(key)
-        # Keys are never deleted while a run uses them, so check-then-get cannot block.
-        if not self._call(self._store.check, [full]):
-            return None
-        return self._call(self._store.get, full)
+        value = self._call(self._store.compare_set, self._key(key), _ABSENT, _ABSENT)
+        return None if value == _ABSENT else value
 
     def set(self, key: str, value: bytes) -> None:
         self._call(self._store.set, self._key(key), value)
@@ -84,7 +84,7 @@ class StoreBackend(KeyValueBackend):
             return None  # not there in time
         except DistError as exc:
             raise RendezvousConnectionError(f"lost the {self._where} ({exc})") from None
-        return self._call(self._store.get, full)
+        return self.get(key)
 
     def join(self, round: int, node_id: str, record: bytes) -> int:
         # Append before counting: a node that sees count n finds n records.
@@ -96,7 +96,7 @@ class StoreBackend(KeyValueBackend):
     def joined(self, round: int) -> list[bytes]:
         if self._call(self._store.add, self._key(f"r/{round}/count"), 0) == 0:
             return []
-        return self._call(self._store.get, self._key(f"r/{round}/join")).splitlines()
+        return self.get(f"r/{round}/join").splitlines()
 
     def wait_joined(self, round: int, count: int, timeout: float) -> int:
         if self.wait(f"r/{round}/arrived/{count + 1}", timeout) is None:

@@ -40,8 +40,8 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 from launcher.rendezvous import (
     AGENT_KEY_PREFIX,
@@ -151,8 +151,9 @@ class KeyValueBackend(ABC):
 Connect = Callable[[int], KeyValueBackend]
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
+    """A node in a round; encoded as a JSON array, which every node decodes fast."""
+
     id: str  # unique per handler: addr_pid_random
     addr: str
     local_world_size: int
@@ -160,11 +161,7 @@ class Member:
     port: int  # of the workers' store this node hosts if it becomes rank 0
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, data: bytes | dict) -> "Member":
-        return cls(**(json.loads(data) if isinstance(data, bytes) else data))
+        return json.dumps(self, separators=(",", ":")).encode()
 
 
 CLOSED = b'{"closed":true}'
@@ -187,7 +184,7 @@ def _decode_round(data: bytes) -> list[Member] | None:
     record = json.loads(data)
     if record.get("closed"):
         return None
-    return [Member.decode(item) for item in record["nodes"]]
+    return [Member._make(item) for item in record["nodes"]]
 
 
 def _addresses(members: list[Member]) -> str:
@@ -291,6 +288,25 @@ class ArrivalWatcher(_Background):
             log.warning("rendezvous: stopped watching for waiting nodes: %s", exc)
 
 
+class _LazyStore:
+    """A client of the workers' store that connects on first use: most rounds never use it."""
+
+    def __init__(self, host: str, port: int, timeout: float, interrupt_fd: int):
+        self._args = (host, port)
+        self._timeout = timeout
+        self._interrupt_fd = interrupt_fd
+        self._store: TCPStore | None = None
+
+    def __getattr__(self, name: str):
+        if self._store is None:
+            self._store = TCPStore(*self._args, timeout=self._timeout, interrupt_fd=self._interrupt_fd)
+        return getattr(self._store, name)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
 class DynamicRendezvousHandler(RendezvousHandler):
     def __init__(
         self,
@@ -318,14 +334,25 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._interrupt_fd = params.interrupt_fd
         self._kv = connect(params.interrupt_fd)
         self._owned = owned or []  # closed with the handler: the c10d host's store
-        self._heartbeat: _Heartbeat | None = None
+        self._closed = False
         self._watcher: ArrivalWatcher | None = None
         self._waiting = Signal()
         self._round: int | None = None  # the latest round this node is a member of
         self._members: list[Member] = []
-        self._server: StoreServer | None = None  # the workers' store while this node is rank 0
-        self._agent_store: TCPStore | None = None
-        self._closed = False
+        self._agent_store: _LazyStore | None = None
+        # Ready before any round, so that joining costs neither a connection nor a server:
+        # the heartbeat (this agent is alive from now until it leaves), and the server
+        # this node hosts the workers' store on if it becomes rank 0.
+        self._heartbeat: _Heartbeat | None = None
+        self._server: StoreServer | None = None
+        self._serving = False  # the workers of the current round use self._server
+        try:
+            self._start_heartbeat()
+            self._server = self._listen()
+        except BaseException:
+            self._leave(close_if_last=False)
+            self._close()
+            raise
 
     # -- the agent's API --------------------------------------------------
 
@@ -334,23 +361,19 @@ class DynamicRendezvousHandler(RendezvousHandler):
         settings = self._settings
         started = time.monotonic()
         deadline = started + settings.join_timeout
-        self._kv.heartbeat(self._me.id)
-        if self._heartbeat is None:
-            self._heartbeat = _Heartbeat(self._connect, self._me.id, settings.keep_alive_interval)
-            self._heartbeat.start()
+        if self._heartbeat is None:  # it left after a timeout: back again
+            self._start_heartbeat()
+        if self._server is None:  # the last round's workers used it: a fresh one
+            self._server = self._listen()
         latest = self._kv.get(_LATEST)
         round = max(0 if self._round is None else self._round + 1, 0 if latest is None else int(latest) + 1)
-        server: StoreServer | None = None
+        me = self._me._replace(port=self._server.port)
         try:
             while True:
-                done = self._kv.get(_done_key(round))
-                if done is None:
-                    if server is None:
-                        server = self._listen()
-                    me = Member(**{**asdict(self._me), "port": server.port})
-                    position = self._kv.join(round, me.id, me.encode())
-                    log.debug("rendezvous '%s': joined round %d as #%d", self.run_id, round, position)
-                    done, deadline = self._await_round(round, position, deadline, started)
+                # A stale hint may make us join a completed round: its done record says so at once.
+                position = self._kv.join(round, me.id, me.encode())
+                log.debug("rendezvous '%s': joined round %d as #%d", self.run_id, round, position)
+                done, deadline = self._await_round(round, position, deadline, started)
                 members = _decode_round(done)
                 if members is None:
                     raise RendezvousClosedError(
@@ -361,28 +384,19 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 if self._me.id in ids:
                     break
                 round += 1  # completed without us: the next round is the one to wait in
-        except BaseException as exc:
-            if server is not None:
-                server.close()
-            if isinstance(exc, (RendezvousTimeoutError, RendezvousClosedError)):
-                self._leave(close_if_last=False)  # given up: do not let a round count on us
+        except (RendezvousTimeoutError, RendezvousClosedError):
+            self._leave(close_if_last=False)  # given up: do not let a round count on us
             raise
         rank = ids.index(self._me.id)
-        if rank == 0:
-            self._server = server
-        elif server is not None:
-            server.close()
+        self._serving = rank == 0
         self._round, self._members = round, members
         master = members[0]
-        self._agent_store = TCPStore(
-            master.addr, master.port, timeout=settings.read_timeout, interrupt_fd=self._interrupt_fd
-        )
-        self._watcher = ArrivalWatcher(self._connect, round + 1, self._waiting, settings.read_timeout)
-        self._watcher.start()
-        log.info(
-            "rendezvous '%s' round %d complete: rank %d of %d nodes (%s) after %.1f s",
-            self.run_id, round, rank, len(members), _addresses(members), time.monotonic() - started,
-        )
+        self._agent_store = _LazyStore(master.addr, master.port, settings.read_timeout, self._interrupt_fd)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "rendezvous '%s' round %d complete: rank %d of %d nodes (%s) after %.1f s",
+                self.run_id, round, rank, len(members), _addresses(members), time.monotonic() - started,
+            )
         return RendezvousInfo(
             round=round,
             rank=rank,
@@ -411,6 +425,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
         )
 
     def waiting_fd(self) -> int:
+        # The watcher starts when the agent first asks, after the round: joining need not wait for it.
+        if self._watcher is None and self._round is not None:
+            self._watcher = ArrivalWatcher(self._connect, self._round + 1, self._waiting, self._settings.read_timeout)
+            self._watcher.start()
         return self._waiting.fd
 
     def leave(self) -> None:
@@ -522,7 +540,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         members = [live.pop(m.id) for m in previous if m.id in live]
         members += list(live.values())
         members = members[: self._settings.max_nodes]
-        record = json.dumps({"nodes": [asdict(m) for m in members]}, separators=(",", ":")).encode()
+        record = json.dumps({"nodes": members}, separators=(",", ":")).encode()
         held = self._kv.compare_set(_done_key(round), None, record)
         if held == record:
             self._kv.set(_LATEST, str(round).encode())
@@ -532,7 +550,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         """The round's join records in join order, each node once."""
         seen: dict[str, Member] = {}
         for data in self._kv.joined(round):
-            member = Member.decode(data)
+            member = Member._make(json.loads(data))
             seen.setdefault(member.id, member)
         return list(seen.values())
 
@@ -564,9 +582,14 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if self._agent_store is not None:
             self._agent_store.close()
             self._agent_store = None
-        if self._server is not None:
+        if self._serving:
             self._server.close()
-            self._server = None
+            self._server, self._serving = None, False
+
+    def _start_heartbeat(self) -> None:
+        self._kv.heartbeat(self._me.id)  # alive before any join record of ours can be read
+        self._heartbeat = _Heartbeat(self._connect, self._me.id, self._settings.keep_alive_interval)
+        self._heartbeat.start()
 
     def _leave(self, close_if_last: bool) -> None:
         """Stop heartbeating and mark this node gone; close the rendezvous if asked and no member is left.
@@ -593,6 +616,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if self._closed:
             return
         self._closed = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         self._kv.close()
         for resource in self._owned:
             resource.close()
