@@ -251,9 +251,9 @@ for line in sys.stdin:
 class NodeProcess:
     """A handler in a process of its own, driven line by line."""
 
-    def __init__(self, params: RendezvousParameters):
+    def __init__(self, params: RendezvousParameters, prefix: list[str] = ()):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", NODE, json.dumps(params.__dict__)],
+            [*prefix, sys.executable, "-c", NODE, json.dumps(params.__dict__)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=REPO,
@@ -379,3 +379,97 @@ def test_etcd_lost_mid_run_fails_within_read_timeout():
         handler.leave()
     finally:
         own.cleanup()
+
+
+# -- nodes in network namespaces: a partition ------------------------------------------
+
+
+class Namespaces:
+    """Network namespaces joined by veth pairs to a bridge in a hub namespace; removed on close."""
+
+    def __init__(self, count: int):
+        tag = f"lr{os.getpid() % 100000:05d}"
+        self.hub = f"{tag}hub"
+        self.nodes = [f"{tag}n{i}" for i in range(count)]
+        self.hub_ends = [f"{tag}p{i}" for i in range(count)]
+        self.addrs = [f"10.213.7.{10 + i}" for i in range(count)]
+        self.created: list[str] = []
+        try:
+            self._ns(self.hub)
+            self.run(self.hub, "ip link add br0 type bridge", "ip link set br0 up")
+            for i, ns in enumerate(self.nodes):
+                self._ns(ns)
+                node_end = f"{tag}v{i}"
+                ip(f"link add {node_end} type veth peer name {self.hub_ends[i]}")
+                ip(f"link set {node_end} netns {ns}")
+                ip(f"link set {self.hub_ends[i]} netns {self.hub}")
+                self.run(self.hub, f"ip link set {self.hub_ends[i]} master br0", f"ip link set {self.hub_ends[i]} up")
+                self.run(ns, f"ip addr add {self.addrs[i]}/24 dev {node_end}", f"ip link set {node_end} up")
+        except BaseException:
+            self.close()
+            raise
+
+    def _ns(self, name: str) -> None:
+        ip(f"netns add {name}")
+        self.created.append(name)
+        self.run(name, "ip link set lo up")
+
+    def run(self, ns: str, *commands: str) -> None:
+        for command in commands:
+            ip(f"netns exec {ns} {command}")
+
+    def cut(self, i: int) -> None:
+        self.run(self.hub, f"ip link set {self.hub_ends[i]} down")
+
+    def close(self) -> None:
+        for name in reversed(self.created):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self.created = []
+
+
+def ip(arguments: str) -> None:
+    subprocess.run(["ip", *arguments.split()], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def namespaces():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    try:
+        subprocess.run(["ip", "netns", "list"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("ip netns is not available")
+    spaces = Namespaces(3)
+    yield spaces
+    spaces.close()
+
+
+def test_a_partitioned_node_is_dropped_and_fails_within_its_timeouts(namespaces, processes):
+    endpoint = f"{namespaces.addrs[0]}:29400"
+
+    def node(i):
+        return RendezvousParameters(
+            backend="c10d", endpoint=endpoint, run_id="partition", min_nodes=2, max_nodes=3, local_world_size=1,
+            local_addr=namespaces.addrs[i],
+            config={**FAST, "is_host": "true" if i == 0 else "false", "read_timeout": "5"},
+        )
+
+    nodes = [NodeProcess(node(i), prefix=["ip", "netns", "exec", namespaces.nodes[i]]) for i in range(3)]
+    processes += nodes
+    for n in nodes:
+        n.send("next")
+    first = [n.read(30) for n in nodes]
+    assert sorted(r["rank"] for r in first) == [0, 1, 2] and len(first[0]["nodes"]) == 3
+
+    namespaces.cut(2)
+    started = time.monotonic()
+    for n in nodes:
+        n.send("next")
+    second = [n.read(30) for n in nodes[:2]]
+    assert time.monotonic() - started < 10  # 2 s without heartbeat, a 1 s last call, a margin
+    assert sorted(r["rank"] for r in second) == [0, 1] and namespaces.addrs[2] not in second[0]["nodes"]
+    assert second[0]["round"] == first[0]["round"] + 1
+    cut_off = nodes[2].read(30)  # its store is unreachable: it gives up after read_timeout
+    assert cut_off["error"] == "RendezvousConnectionError", cut_off
+    assert f"c10d store {endpoint}" in cut_off["message"]
+    assert time.monotonic() - started < 20
