@@ -117,6 +117,9 @@ class StoreBackend(KeyValueBackend):
         oldest = time.time() - self._liveness
         return {i for i, beat in zip(node_ids, beats) if beat != LEFT and float(beat) >= oldest}
 
+    def set_timeout(self, timeout: float) -> None:
+        self._store.set_timeout(timeout)
+
     def close(self) -> None:
         self._store.close()
 
@@ -160,15 +163,13 @@ def create_c10d_handler(params: RendezvousParameters, config: dict[str, Any]) ->
     where = f"c10d store {host}:{port}"
     prefix = f"launcher/rdzv/{params.run_id}/"
 
-    def connect(interrupt_fd: int) -> StoreBackend:
+    def connect(interrupt_fd: int, timeout: float) -> StoreBackend:
         try:
-            store = TCPStore(host, port, timeout=settings.read_timeout, interrupt_fd=interrupt_fd)
+            store = TCPStore(host, port, timeout=timeout, interrupt_fd=interrupt_fd)
         except StoreInterrupted:
             raise
         except DistError as exc:
-            raise RendezvousConnectionError(
-                f"cannot reach the {where} ({exc}); tried for {settings.read_timeout} s (read_timeout)"
-            ) from None
+            raise RendezvousConnectionError(f"cannot reach the {where} ({exc}); tried for {timeout:g} s") from None
         return StoreBackend(store, prefix, where, settings.liveness)
 
     try:

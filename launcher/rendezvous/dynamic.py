@@ -24,11 +24,11 @@ heartbeat is older than keep_alive_interval * keep_alive_max_attempt, or
 that left, is not counted. Ranks are stable: the previous round's members
 keep their order, newcomers follow in join order.
 
-Group rank 0 hosts the workers' store. Every node starts a store server
-before it joins (its port is in its join record), so the members learn
-MASTER_ADDR/MASTER_PORT from the ``done`` record without another round trip;
-the others close theirs, and rank 0 closes its one when the next round
-begins, so a restarted attempt gets a fresh, empty store.
+Group rank 0 hosts the workers' store. Every node keeps a store server ready
+(its port is in its join record), so the members learn MASTER_ADDR/MASTER_PORT
+from the ``done`` record without another round trip; rank 0's server is closed
+when the next round begins and replaced by a fresh one, so a restarted attempt
+never sees the keys of the previous one.
 """
 from __future__ import annotations
 
@@ -143,12 +143,16 @@ class KeyValueBackend(ABC):
         """Those of ``node_ids`` whose heartbeat is fresh and that have not left."""
 
     @abstractmethod
+    def set_timeout(self, timeout: float) -> None:
+        """From now on every call may take at most ``timeout`` seconds."""
+
+    @abstractmethod
     def close(self) -> None:
         """Close the connection."""
 
 
-# Opens a connection whose blocking calls end once the given fd is readable.
-Connect = Callable[[int], KeyValueBackend]
+# Opens a connection whose calls take at most timeout seconds and end once interrupt_fd is readable.
+Connect = Callable[[int, float], KeyValueBackend]
 
 
 class Member(NamedTuple):
@@ -227,10 +231,14 @@ class Signal:
 class _Background(threading.Thread):
     """A daemon thread on a connection of its own, stopped through that connection's interrupt fd."""
 
-    def __init__(self, connect: Connect, name: str):
+    def __init__(self, connect: Connect, timeout: float, name: str):
         super().__init__(name=name, daemon=True)
         self._wake = Signal()
-        self.kv = connect(self._wake.fd)
+        try:
+            self.kv = connect(self._wake.fd, timeout)
+        except BaseException:
+            self._wake.close()
+            raise
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -246,10 +254,10 @@ class _Background(threading.Thread):
 
 
 class _Heartbeat(_Background):
-    def __init__(self, connect: Connect, node_id: str, interval: float):
-        super().__init__(connect, f"rendezvous-heartbeat-{node_id}")
+    def __init__(self, connect: Connect, node_id: str, settings: Settings):
+        super().__init__(connect, settings.heartbeat_timeout, f"rendezvous-heartbeat-{node_id}")
         self._node_id = node_id
-        self._interval = interval
+        self._interval = settings.keep_alive_interval
 
     def run(self) -> None:
         failing = False
@@ -269,7 +277,7 @@ class ArrivalWatcher(_Background):
     """Sets ``notify`` whenever a node joins ``round`` (the round after ours)."""
 
     def __init__(self, connect: Connect, round: int, notify: Signal, poll: float):
-        super().__init__(connect, f"rendezvous-watch-{round}")
+        super().__init__(connect, poll, f"rendezvous-watch-{round}")
         self._round = round
         self._notify = notify
         self._poll = poll
@@ -332,7 +340,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             port=0,
         )
         self._interrupt_fd = params.interrupt_fd
-        self._kv = connect(params.interrupt_fd)
+        self._kv = connect(params.interrupt_fd, settings.read_timeout)
         self._owned = owned or []  # closed with the handler: the c10d host's store
         self._closed = False
         self._watcher: ArrivalWatcher | None = None
@@ -588,7 +596,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def _start_heartbeat(self) -> None:
         self._kv.heartbeat(self._me.id)  # alive before any join record of ours can be read
-        self._heartbeat = _Heartbeat(self._connect, self._me.id, self._settings.keep_alive_interval)
+        self._heartbeat = _Heartbeat(self._connect, self._me.id, self._settings)
         self._heartbeat.start()
 
     def _leave(self, close_if_last: bool) -> None:
@@ -602,6 +610,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         heartbeat.stop()
         kv = heartbeat.kv
         try:
+            kv.set_timeout(self._settings.close_timeout)
             kv.mark_left(self._me.id)
             if close_if_last and self._round is not None:
                 others = [m.id for m in self._members if m.id != self._me.id]

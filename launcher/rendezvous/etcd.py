@@ -226,7 +226,7 @@ class EtcdClient:
     ):
         self.endpoints = endpoints
         self._context = context
-        self._timeout = timeout
+        self.timeout = timeout  # seconds one call may take, failing over included
         self._interrupt_fd = interrupt_fd
         self._connection: _Connection | None = None
         self._next = 0  # the endpoint to try first
@@ -261,7 +261,7 @@ class EtcdClient:
         payload = json.dumps(body).encode()
         pause = 0.1
         while True:
-            deadline = time.monotonic() + self._timeout
+            deadline = time.monotonic() + self.timeout
             try:
                 if watch_until is not None:
                     return self._watch_once(payload, watch_until)
@@ -278,12 +278,12 @@ class EtcdClient:
                     raise RendezvousConnectionError(f"{self.where()}: TLS verification failed: {exc}") from None
                 self._next += 1
                 elapsed = time.monotonic() - started
-                if elapsed >= self._timeout:
+                if elapsed >= self.timeout:
                     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
                     raise RendezvousConnectionError(
-                        f"cannot reach {self.where()} ({reason}); tried for {elapsed:.0f} s (read_timeout)"
+                        f"cannot reach {self.where()} ({reason}); tried for {elapsed:.0f} s"
                     ) from None
-                self._pause(min(pause, self._timeout - elapsed))
+                self._pause(min(pause, self.timeout - elapsed))
                 pause = min(pause * 2, 1.0)
 
     def _answer(self, status: int, data: bytes) -> dict:
@@ -302,11 +302,11 @@ class EtcdClient:
 
     def _watch_once(self, payload: bytes, until: float) -> list[dict]:
         # A watch is a stream: it gets a connection of its own, closed when done.
-        connection = self._connect(time.monotonic() + self._timeout)
+        connection = self._connect(time.monotonic() + self.timeout)
         try:
-            status, headers = connection.request("/v3/watch", payload, time.monotonic() + self._timeout)
+            status, headers = connection.request("/v3/watch", payload, time.monotonic() + self.timeout)
             if status != 200:
-                return self._answer(status, b"".join(connection.chunks(headers, time.monotonic() + self._timeout)))
+                return self._answer(status, b"".join(connection.chunks(headers, time.monotonic() + self.timeout)))
             pending = b""
             try:
                 for chunk in connection.chunks(headers, until):
@@ -534,6 +534,9 @@ class EtcdBackend(KeyValueBackend):
         present = {base64.b64decode(kv["key"]).decode()[len(self._key("alive/")):] for kv in kvs}
         return present.intersection(node_ids)
 
+    def set_timeout(self, timeout: float) -> None:
+        self._client.timeout = timeout
+
     def close(self) -> None:
         self._client.close()
 
@@ -562,8 +565,8 @@ def create_etcd_handler(params: RendezvousParameters, config: dict[str, Any]) ->
     prefix = f"{config['etcd_prefix'].rstrip('/')}/{params.run_id}/"
     session = _Session(ttl=max(1, math.ceil(settings.liveness)))
 
-    def connect(interrupt_fd: int) -> EtcdBackend:
-        return EtcdBackend(EtcdClient(endpoints, context, settings.read_timeout, interrupt_fd), prefix, session)
+    def connect(interrupt_fd: int, timeout: float) -> EtcdBackend:
+        return EtcdBackend(EtcdClient(endpoints, context, timeout, interrupt_fd), prefix, session)
 
     where = "etcd " + ",".join(map(str, endpoints))
     return DynamicRendezvousHandler("etcd", where, settings, connect, params)

@@ -152,8 +152,8 @@ class StaticRendezvousHandler(RendezvousHandler):
 
     # -- internals ----------------------------------------------------------
 
-    def _connect(self, interrupt_fd: int, timeout: float | None = None) -> StoreBackend:
-        store = TCPStore(self._host, self._port, timeout=timeout or self._timeout, interrupt_fd=interrupt_fd)
+    def _connect(self, interrupt_fd: int, timeout: float) -> StoreBackend:
+        store = TCPStore(self._host, self._port, timeout=timeout, interrupt_fd=interrupt_fd)
         return StoreBackend(store, self._prefix, self._where, 0.0)
 
     def _connect_first(self, started: float, deadline: float) -> None:
