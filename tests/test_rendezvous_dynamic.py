@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from etcd import EtcdServer, etcd_server, needs_etcd  # noqa: F401  (etcd_server: a fixture)
+from etcd import EtcdServer, etcd_server, needs_etcd, needs_openssl  # noqa: F401  (etcd_server: a fixture)
 
 from launcher.rendezvous import (
     RendezvousClosedError,
@@ -473,3 +473,28 @@ def test_a_partitioned_node_is_dropped_and_fails_within_its_timeouts(namespaces,
     assert cut_off["error"] == "RendezvousConnectionError", cut_off
     assert f"c10d store {endpoint}" in cut_off["message"]
     assert time.monotonic() - started < 20
+
+
+@needs_etcd
+@needs_openssl
+def test_etcd_over_https_with_client_certificates():
+    server = EtcdServer(tls=True).start()
+    try:
+        tls = server.tls
+
+        def params(cacert, **config):
+            return RendezvousParameters(
+                backend="etcd", endpoint=f"https://{server.endpoint}", run_id="tls", min_nodes=1, max_nodes=1,
+                local_world_size=1, local_addr="127.0.0.2",
+                config={**FAST, "read_timeout": "3", "cacert": cacert, **config},
+            )
+
+        handler = create_handler(params(tls["ca.crt"], cert=tls["client.crt"], key=tls["client.key"]))
+        assert handler.next_rendezvous().rank == 0
+        handler.shutdown()
+        with pytest.raises(RendezvousConnectionError, match="TLS verification failed"):
+            create_handler(params(tls["client.crt"]))  # a CA that did not sign etcd's certificate
+        with pytest.raises(RendezvousConnectionError, match=f"cannot reach etcd https://{server.endpoint}"):
+            create_handler(params(tls["ca.crt"]))  # no client certificate: etcd refuses the handshake
+    finally:
+        server.cleanup()
