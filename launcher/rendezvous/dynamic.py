@@ -183,16 +183,20 @@ _LATEST = "latest"  # a hint: the number of the latest completed round
 _NO_DEADLINE = b"none"
 
 
-def _decode_round(data: bytes) -> list[Member] | None:
-    """The members of a completed round; None when it is the closed marker."""
+def _decode_round(data: bytes) -> list[list] | None:
+    """The members of a completed round as rows of Member's fields; None when it is the closed marker.
+
+    Rows, not Members: every node decodes the whole list, and at scale making no
+    object per member but the NodeInfo the agent needs is what keeps it cheap.
+    """
     record = json.loads(data)
     if record.get("closed"):
         return None
-    return [Member._make(item) for item in record["nodes"]]
+    return record["nodes"]
 
 
-def _addresses(members: list[Member]) -> str:
-    return ", ".join(m.addr for m in members) or "none"
+def _addresses(members: list) -> str:
+    return ", ".join(m[1] for m in members) or "none"  # Members or rows: addr is field 1
 
 
 @dataclass
@@ -346,7 +350,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._watcher: ArrivalWatcher | None = None
         self._waiting = Signal()
         self._round: int | None = None  # the latest round this node is a member of
-        self._members: list[Member] = []
+        self._next_round = 0  # the round to join next
+        self._members: list[list] = []  # rows of the round's done record
         self._agent_store: _LazyStore | None = None
         # Ready before any round, so that joining costs neither a connection nor a server:
         # the heartbeat (this agent is alive from now until it leaves), and the server
@@ -357,6 +362,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         try:
             self._start_heartbeat()
             self._server = self._listen()
+            self._next_round = self._open_round()
         except BaseException:
             self._leave(close_if_last=False)
             self._close()
@@ -373,12 +379,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._start_heartbeat()
         if self._server is None:  # the last round's workers used it: a fresh one
             self._server = self._listen()
-        latest = self._kv.get(_LATEST)
-        round = max(0 if self._round is None else self._round + 1, 0 if latest is None else int(latest) + 1)
+        round = self._next_round
         me = self._me._replace(port=self._server.port)
         try:
             while True:
-                # A stale hint may make us join a completed round: its done record says so at once.
+                # Joining a round that completed meanwhile costs little: its done record says so at once.
                 position = self._kv.join(round, me.id, me.encode())
                 log.debug("rendezvous '%s': joined round %d as #%d", self.run_id, round, position)
                 done, deadline = self._await_round(round, position, deadline, started)
@@ -388,17 +393,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
                         f"rendezvous '{self.run_id}' ({self._where}) is closed: the job finished "
                         "or its nodes shut down; start a new job with another --rdzv-id"
                     )
-                ids = [m.id for m in members]
-                if self._me.id in ids:
+                rank = next((i for i, row in enumerate(members) if row[0] == self._me.id), None)
+                if rank is not None:
                     break
-                round += 1  # completed without us: the next round is the one to wait in
+                round = max(round + 1, self._open_round())  # completed without us
         except (RendezvousTimeoutError, RendezvousClosedError):
             self._leave(close_if_last=False)  # given up: do not let a round count on us
             raise
-        rank = ids.index(self._me.id)
         self._serving = rank == 0
-        self._round, self._members = round, members
-        master = members[0]
+        self._round, self._members, self._next_round = round, members, round + 1
+        master = Member._make(members[0])
         self._agent_store = _LazyStore(master.addr, master.port, settings.read_timeout, self._interrupt_fd)
         if log.isEnabledFor(logging.INFO):
             log.info(
@@ -408,7 +412,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         return RendezvousInfo(
             round=round,
             rank=rank,
-            nodes=[NodeInfo(m.addr, m.local_world_size, m.role) for m in members],
+            nodes=[NodeInfo(addr, size, role) for _, addr, size, role, _ in members],
             master_addr=master.addr,
             master_port=master.port,
             store=PrefixStore(f"{AGENT_KEY_PREFIX}/agent/{round}", self._agent_store),
@@ -421,7 +425,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         records = self._records(self._round + 1)
         if not records:
             return 0
-        previous = {m.id for m in self._members}
+        previous = {row[0] for row in self._members}
         alive = self._kv.alive(list(previous | {r.id for r in records}))
         full = len(previous & alive) >= self._settings.max_nodes
         # While our round is full a newcomer cannot get in, so it is no reason
@@ -450,6 +454,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._close()
 
     # -- rounds -------------------------------------------------------------
+
+    def _open_round(self) -> int:
+        """The round after the latest completed one, as far as the hint knows."""
+        latest = self._kv.get(_LATEST)
+        return 0 if latest is None else int(latest) + 1
 
     def _listen(self) -> StoreServer:
         """A server for the workers' store: on the address we were given, else on every address."""
@@ -565,10 +574,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _previous_members(self, round: int) -> list[Member]:
         if round == 0:
             return []
-        if self._round == round - 1:
-            return self._members
-        done = self._kv.get(_done_key(round - 1))
-        return (done and _decode_round(done)) or []
+        rows = self._members if self._round == round - 1 else None
+        if rows is None:
+            done = self._kv.get(_done_key(round - 1))
+            rows = (done and _decode_round(done)) or []
+        return [Member._make(row) for row in rows]
 
     def _describe(self, view: _RoundView) -> str:
         s = self._settings
@@ -613,7 +623,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             kv.set_timeout(self._settings.close_timeout)
             kv.mark_left(self._me.id)
             if close_if_last and self._round is not None:
-                others = [m.id for m in self._members if m.id != self._me.id]
+                others = [row[0] for row in self._members if row[0] != self._me.id]
                 if not kv.alive(others) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
                     log.info("rendezvous '%s' closed: this node was the last of round %d", self.run_id, self._round)
         except (RendezvousError, StoreInterrupted) as exc:
