@@ -21,6 +21,8 @@ def params(**overrides):
 
 def test_rdzv_conf_parses_torchrun_syntax():
     assert parse_rdzv_conf("") == {}
+    assert parse_rdzv_conf("'join_timeout=5'") == {"join_timeout": "5"}
+    assert parse_rdzv_conf('cacert="/a b/ca.pem",timeout=7') == {"cacert": "/a b/ca.pem", "timeout": "7"}
     assert parse_rdzv_conf(" join_timeout = 10 , is_host=true,last_call_timeout=1") == {
         "join_timeout": "10",
         "is_host": "true",

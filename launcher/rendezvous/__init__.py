@@ -227,18 +227,26 @@ OPTIONS: dict[str, _Option] = {
 _STATIC_RANK = "rank"
 
 
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 def parse_rdzv_conf(text: str) -> dict[str, str]:
     """Parse ``--rdzv-conf`` (``key1=value1,key2=value2``), torchrun's syntax.
 
-    Unknown keys raise ValueError listing the valid ones.
+    One pair of quotes around the whole or around a value is dropped (torch's
+    tests pass ``--rdzv-conf='timeout=5'`` without a shell). Unknown keys raise
+    ValueError listing the valid ones.
     """
     config: dict[str, str] = {}
-    text = text.strip()
+    text = _unquote(text.strip())
     if not text:
         return config
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
+        key, value = key.strip(), _unquote(value.strip())
         if not key:
             raise ValueError(f"--rdzv-conf '{text}': expected key1=value1,...,keyN=valueN")
         if not sep or not value:
