@@ -641,4 +641,5 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._kv.close()
         for resource in self._owned:
             resource.close()
+        self._owned = []  # a shared (multi-tenant) server stops with its last reference
         self._waiting.close()
