@@ -500,8 +500,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
                     f"rendezvous '{self.run_id}' ({self._where}) timed out after {now - started:.0f} s "
                     f"waiting for round {round} to complete: {self._describe(view)}"
                 )
-            if now >= status_at:
-                log.info(
+            if now >= status_at:  # a warning: visible at the launcher's default log level
+                log.warning(
                     "rendezvous '%s' round %d (%s): %s; timeout in %.0f s",
                     self.run_id, round, self._where, self._describe(view), deadline - now,
                 )

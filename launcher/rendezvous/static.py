@@ -187,7 +187,7 @@ class StaticRendezvousHandler(RendezvousHandler):
                         f"static rendezvous '{self.run_id}': cannot reach node rank 0's store at "
                         f"{self._host}:{self._port} ({exc}); waited {waited:.0f} s (timeout)"
                     ) from None
-                log.info(
+                log.warning(
                     "static rendezvous '%s': waiting for node rank 0 to host the store at %s:%d; timeout in %.0f s",
                     self.run_id, self._host, self._port, deadline - time.monotonic(),
                 )
@@ -209,7 +209,7 @@ class StaticRendezvousHandler(RendezvousHandler):
                     f"static rendezvous '{self.run_id}' ({self._where}) timed out after "
                     f"{time.monotonic() - started:.0f} s in round {round}: {status}"
                 )
-            log.info(
+            log.warning(  # visible at the launcher's default log level
                 "static rendezvous '%s' round %d (%s): %s; timeout in %.0f s",
                 self.run_id, round, self._where, status, deadline - time.monotonic(),
             )
