@@ -201,7 +201,7 @@ class WorkerGroup:
             signals = native.stop(int(first_signal), self.shutdown_timeout)
         finally:
             native.close()
-        for index in range(len(self.workers)):
+        for index in range(native.count()):
             self._record_exit(index)
         return signals
 
@@ -223,7 +223,7 @@ class WorkerGroup:
     def pids(self) -> dict[int, int]:
         """The workers' pids by local rank."""
         native = self._started()
-        return {worker.local_rank: native.pid(index) for index, worker in enumerate(self.workers)}
+        return {self.workers[index].local_rank: native.pid(index) for index in range(native.count())}
 
     def _started(self) -> Supervisor:
         if self._native is None:

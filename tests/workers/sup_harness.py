@@ -2,7 +2,7 @@
 
     python sup_harness.py SPEC.json
 
-SPEC: {"nproc", "argv" (each "{rank}" becomes the local rank), "log_dir",
+SPEC: {"nproc", "argv" (each "{rank}" becomes the local rank; or one argv per rank), "log_dir",
 "redirects", "tee", "local_ranks_filter", "prefix_template", "filters_out",
 "filters_err", "shutdown_timeout", "signals", "state"}. Once the workers run,
 "state" gets {"launcher", "workers": {rank: pid}}; at the end, "<state>.exits"
@@ -30,8 +30,9 @@ def main(spec_path):
     attempt = logs.attempt("run", 0, "default", {r: r for r in range(nproc)}, spec.get("prefix_template"))
     signals = [signal.Signals[name] for name in spec.get("signals", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")]
     with SignalWatch(signals) as watch:
+        argvs = spec["argv"] if isinstance(spec["argv"][0], list) else [spec["argv"]] * nproc
         workers = [
-            WorkerLaunch(rank, rank, [arg.replace("{rank}", str(rank)) for arg in spec["argv"]],
+            WorkerLaunch(rank, rank, [arg.replace("{rank}", str(rank)) for arg in argvs[rank]],
                          dict(os.environ, RANK=str(rank)), attempt.workers[rank])
             for rank in range(nproc)
         ]
