@@ -7,7 +7,7 @@ import glob
 import os
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 extensions = [
     Extension(
@@ -21,7 +21,7 @@ extensions = [
 ]
 
 setup(
-    packages=["launcher", "launcher._native", "launcher.rendezvous"],
+    packages=find_packages(include=["launcher", "launcher.*"]),
     ext_modules=cythonize(
         extensions,
         include_path=["_native"],

@@ -124,6 +124,22 @@ cdef extern from "linux_compat.h" nogil:
     int launcher_pidfd_open(pid_t pid, unsigned int flags)
     int launcher_pidfd_send_signal(int pidfd, int sig, siginfo_t *info, unsigned int flags)
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+                       void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+
 
 # --- sockets --------------------------------------------------------------
 
@@ -170,6 +186,8 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
+        IPPROTO_IPV6
+        IPV6_V6ONLY
         INET6_ADDRSTRLEN
     struct in_addr:
         uint32_t s_addr
@@ -189,6 +207,12 @@ cdef extern from "<netinet/in.h>" nogil:
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
+
+cdef extern from "<endian.h>" nogil:
+    uint32_t htole32(uint32_t)
+    uint32_t le32toh(uint32_t)
+    uint64_t htole64(uint64_t)
+    uint64_t le64toh(uint64_t)
 
 cdef extern from "<arpa/inet.h>" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)

@@ -1,0 +1,669 @@
+"""``launcher``: torchrun's command line, without torch in the launcher process.
+
+    launcher [options] script.py [script args]      # <python> -u script.py args
+    launcher [options] -m package.module [args]     # <python> -u -m package.module args
+    launcher [options] --no-python program [args]   # program args
+    launcher [options] --run-path script.py [args]  # runpy.run_path in <python>
+
+Every option also reads its default from ``PET_<NAME>`` (``PET_NPROC_PER_NODE``,
+``PET_NO_PYTHON=1``), as torchrun's do. Only argparse and the standard
+library are imported before the arguments are parsed, so ``--help`` is quick.
+
+In-process, ``main(argv)`` raises as torch's ``torch.distributed.run.main``
+does: ValueError for a bad flag or value, the launch's own errors otherwise.
+The console script (``main_entry``) turns those into one line and exit 2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import uuid
+from argparse import REMAINDER, Action, ArgumentParser, ArgumentTypeError, Namespace, RawDescriptionHelpFormatter
+from typing import Callable, NoReturn
+
+import launcher
+from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size
+
+log = logging.getLogger("launcher")
+
+RDZV_BACKENDS = ("static", "c10d", "etcd", "etcd-v2")
+START_METHODS = ("spawn", "fork", "forkserver")
+EVENT_LOG_HANDLERS = ("null", "console")
+DEFAULT_MASTER_PORT = 29500
+LOCAL_RANK_MACRO = "${local_rank}"  # the agent puts each worker's local rank in its place
+# --run-path: the worker interpreter runs the script with runpy.run_path, needing nothing of ours.
+RUN_PATH_CODE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+class UsageError(ValueError):
+    """A bad flag or value: one line naming it and what is accepted."""
+
+
+# Options with PET_ defaults ---------------------------------------------------------------------
+
+
+class EnvDefault(Action):
+    """An option whose default is ``PET_<DEST>`` when set (torch's ``env`` action).
+
+    An environment value is checked by the option's type as a command-line value
+    would be; its errors name the variable.
+    """
+
+    def __init__(self, dest, default=None, type=None, **kwargs):
+        self.env_name = f"PET_{dest.upper()}"
+        self.from_env = self.env_name in os.environ
+        if self.from_env:
+            default = os.environ[self.env_name]
+            if type is not None:
+                type = _naming_source(type, default, self.env_name)
+        super().__init__(dest=dest, default=default, type=type, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.explicit.add(self.dest)
+
+
+class EnvFlag(Action):
+    """A flag, also set by ``PET_<DEST>`` read as an integer (torch's ``check_env``: 1 on, 0 off)."""
+
+    def __init__(self, dest, **kwargs):
+        self.env_name = f"PET_{dest.upper()}"
+        self.from_env = self.env_name in os.environ
+        value = os.environ.get(self.env_name, "0")
+        try:
+            default = bool(int(value))
+        except ValueError:
+            raise UsageError(f"{self.env_name}: expected 1 (on) or 0 (off), got {value!r}") from None
+        super().__init__(dest=dest, const=True, default=default, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        namespace.explicit.add(self.dest)
+
+
+def _naming_source(convert: Callable, env_value: str, env_name: str) -> Callable:
+    def from_environment(value):
+        try:
+            return convert(value)
+        except ArgumentTypeError as error:
+            # argparse converts the PET_ default only when the flag is absent; it passes that very string.
+            if value is env_value:
+                raise ArgumentTypeError(f"{error} (from {env_name})") from None
+            raise
+
+    return from_environment
+
+
+class LauncherArgumentParser(ArgumentParser):
+    """Raises UsageError instead of printing usage and exiting; records the options the user gave."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if namespace is None:
+            given_by_env = {action.dest for action in self._actions if getattr(action, "from_env", False)}
+            namespace = Namespace(explicit=given_by_env)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message) -> NoReturn:
+        if "required: training_script" in message:
+            message = "no program to launch: give a script (or -m module, or --no-python program) and its arguments"
+        elif message.startswith("unrecognized arguments"):
+            message += " (launcher options go before the script)"
+        raise UsageError(message)
+
+
+# Values -----------------------------------------------------------------------------------------
+
+
+def _check(kind: str, accepted: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that keeps the string (torch's Namespace types) once ``accepted`` likes it."""
+
+    def check(value: str) -> str:
+        try:
+            ok = accepted(value)
+        except (ValueError, RuntimeError):
+            ok = False
+        if not ok:
+            raise ArgumentTypeError(f"expected {kind}, got {value!r}")
+        return value
+
+    return check
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    kind = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+
+    def integer(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum or (maximum is not None and number > maximum):
+            raise ArgumentTypeError(f"expected {kind}, got {value!r}")
+        return number
+
+    return integer
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:
+        raise ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
+    return number
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    return _check(f"one of {', '.join(choices)}", lambda value: value in choices)
+
+
+def parse_min_max_nnodes(nnodes: str) -> tuple[int, int]:
+    """``N`` or ``MIN:MAX`` to (min, max); RuntimeError for more parts, as torch's."""
+    parts = nnodes.split(":")
+    if len(parts) == 1:
+        return int(parts[0]), int(parts[0])
+    if len(parts) == 2:
+        return int(parts[0]), int(parts[1])
+    raise RuntimeError(f'nnodes={nnodes} is not in "MIN:MAX" format')
+
+
+def _nnodes_ok(value: str) -> bool:
+    min_nodes, max_nodes = parse_min_max_nnodes(value)
+    return 0 < min_nodes <= max_nodes
+
+
+def _nproc_ok(value: str) -> bool:
+    return value in NPROC_KINDS or int(value) >= 1
+
+
+def _host_ok(host: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 address in brackets."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?\]", host))
+
+
+def _endpoint_ok(endpoint: str) -> bool:
+    """``host[:port]``, ``[v6][:port]``, or a comma list of those (etcd), each with an optional http(s)://."""
+    if not endpoint:
+        return True
+    for item in endpoint.split(","):
+        item = re.sub(r"^https?://", "", item.strip())
+        host, port = re.fullmatch(r"(.*?)(?::(\d{1,5}))?", item).groups()
+        if not _host_ok(host) or (port is not None and int(port) > 65535):
+            return False
+    return True
+
+
+def parse_rendezvous_config(config: str) -> dict[str, str]:
+    """``k=v,k2=v2`` to a dict (torch's syntax); one pair of quotes around the whole or a value is dropped.
+
+    Torch's own tests pass ``--rdzv-conf='timeout=5'`` without a shell to remove the quotes.
+    """
+    config = _unquote(config.strip())
+    pairs: dict[str, str] = {}
+    if not config:
+        return pairs
+    for item in config.split(","):
+        key, equals, value = item.partition("=")
+        key, value = key.strip(), _unquote(value.strip())
+        if not key or not equals or not value:
+            raise ValueError(f"expected <key>=<value>,<key2>=<value2>..., got {item.strip()!r} in {config!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _rdzv_conf(value: str) -> str:
+    try:
+        parse_rendezvous_config(value)
+    except ValueError as error:
+        raise ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _std(value: str) -> str:
+    from launcher.logs import Std
+
+    try:
+        Std.from_str(value)
+    except ValueError as error:
+        raise ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _local_ranks(value: str) -> str:
+    if value and not re.fullmatch(r"\d+(,\d+)*", value.replace(" ", "")):
+        raise ArgumentTypeError(f"expected a comma-separated list of local ranks such as 0,1,2, got {value!r}")
+    return value
+
+
+def comma_separated_list(value: str) -> list[str]:
+    """torch's filter list: ``a,b`` is two items, ``,,`` an escaped comma; empty items are dropped."""
+    placeholder = "\0"
+    return [item.replace(placeholder, ",") for item in value.replace(",,", placeholder).split(",") if item]
+
+
+def _signals(value: str) -> str:
+    from launcher.api import parse_signals
+
+    try:
+        if not parse_signals(value):
+            raise ValueError(f"expected a comma-separated list of signal names such as SIGTERM,SIGUSR1, got {value!r}")
+    except ValueError as error:
+        raise ArgumentTypeError(str(error).removeprefix("--signals-to-handle: ")) from None
+    return value
+
+
+def _log_dir(value: str) -> str:
+    if os.path.isfile(value):
+        raise ArgumentTypeError(f"expected a directory, got {value!r}, which is a file")
+    return value
+
+
+def _python(value: str) -> str:
+    """An interpreter path, or a name looked up on PATH."""
+    found = shutil.which(value)
+    if found is None:
+        raise ArgumentTypeError(f"expected a Python interpreter (an executable path or a name on PATH), got {value!r}")
+    return value if os.sep in value else found
+
+
+# The parser -------------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+torchrun-compatible launcher: starts --nproc-per-node workers of a program on
+this node and meets the other nodes through a rendezvous. The launcher process
+itself never imports torch.
+
+Each option also takes its default from PET_<OPTION> (PET_NNODES, PET_NO_PYTHON=1,
+...). The worker interpreter is --python, else $PYTHON_EXEC, else the Python
+running the launcher (the frozen binary: python3, then python, on PATH).
+Under srun, --nnodes, the rendezvous and --rdzv-id default from Slurm.
+"""
+
+EPILOG = """\
+environment:
+  PET_<OPTION>            default of each option (flags: 1 on, 0 off)
+  PYTHON_EXEC             worker interpreter when --python is not given
+  LOGLEVEL                launcher log level (default WARNING)
+  LAUNCHER_NVML_LIBRARY   NVML library used to count GPUs (default libnvidia-ml.so.1)
+  TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE   prefix of teed lines, e.g. "[rank${rank}]: "
+"""
+
+
+def get_args_parser(prog: str = "launcher") -> ArgumentParser:
+    """torchrun's options (dash and underscore spellings, torchrun's defaults), ``--python`` and ``--version``."""
+    parser = LauncherArgumentParser(
+        prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--version", action="version", version=f"%(prog)s {launcher.__version__} (torchrun {launcher.TORCHRUN_COMPAT} compatible)")
+
+    add("--nnodes", action=EnvDefault, type=_check("N or MIN:MAX with 1 <= MIN <= MAX", _nnodes_ok), default="1:1",
+        help="Number of nodes, or the range of nodes in form <minimum_nodes>:<maximum_nodes>.")
+    add("--nproc-per-node", "--nproc_per_node", action=EnvDefault, default="1",
+        type=_check(f"a number >= 1 or one of {', '.join(NPROC_KINDS)}", _nproc_ok),
+        help="Number of workers per node; supported values: [auto, cpu, gpu, xpu, int]. cpu counts the CPUs "
+        "this process may use; gpu counts CUDA GPUs (NVML, honouring CUDA_VISIBLE_DEVICES); auto: GPUs, else "
+        "Intel GPUs, else CPUs.")
+
+    add("--rdzv-backend", "--rdzv_backend", action=EnvDefault, type=_one_of(RDZV_BACKENDS), default="static",
+        metavar="{" + ",".join(RDZV_BACKENDS) + "}", help="Rendezvous backend.")
+    add("--rdzv-endpoint", "--rdzv_endpoint", action=EnvDefault, default="",
+        type=_check("<host>[:<port>], [<IPv6>][:<port>], or a comma list of those for etcd", _endpoint_ok),
+        help="Rendezvous backend endpoint; usually in form <host>:<port>.")
+    add("--rdzv-id", "--rdzv_id", action=EnvDefault, default="none",
+        type=_check("a non-empty id without '/'", lambda value: bool(value) and "/" not in value),
+        help="User-defined group id.")
+    add("--rdzv-conf", "--rdzv_conf", action=EnvDefault, type=_rdzv_conf, default="",
+        help="Additional rendezvous configuration (<key1>=<value1>,<key2>=<value2>,...).")
+    add("--standalone", action=EnvFlag,
+        help="Start a local standalone rendezvous backend that is represented by a C10d TCP store on a free "
+        "port. Useful when launching single-node, multi-worker job. If specified --rdzv-backend, "
+        "--rdzv-endpoint, --rdzv-id are auto-assigned and any explicitly set values are ignored.")
+
+    add("--max-restarts", "--max_restarts", action=EnvDefault, type=_integer(0), default=0,
+        help="Maximum number of worker group restarts before failing.")
+    add("--monitor-interval", "--monitor_interval", action=EnvDefault, type=_seconds, default=0.1,
+        help="Accepted for torchrun compatibility; not needed here: worker exits are seen the moment they happen.")
+    add("--start-method", "--start_method", action=EnvDefault, type=_one_of(START_METHODS), default="spawn",
+        metavar="{" + ",".join(START_METHODS) + "}",
+        help="Accepted for torchrun compatibility; workers are always started by fork+exec of a fresh program.")
+    add("--event-log-handler", "--event_log_handler", action=EnvDefault, type=_one_of(EVENT_LOG_HANDLERS),
+        default="null", metavar="{" + ",".join(EVENT_LOG_HANDLERS) + "}",
+        help="null: no agent events; console: agent events as JSON lines on stderr.")
+    add("--role", action=EnvDefault, type=_check("a non-empty name", bool), default="default",
+        help="User-defined role for the workers.")
+    add("-m", "--module", action=EnvFlag,
+        help="Change each process to interpret the launch script as a Python module, executing with the same "
+        "behavior as 'python -m'.")
+    add("--no-python", "--no_python", action=EnvFlag,
+        help="Skip prepending the training script with 'python' - just execute it directly. Useful when the "
+        "script is not a Python script.")
+    add("--run-path", "--run_path", action=EnvFlag,
+        help="Run the training script with runpy.run_path in the worker interpreter. Takes precedence over "
+        "--no-python.")
+    add("--python", action=EnvDefault, type=_python, default=None, metavar="PATH",
+        help="Worker interpreter (a path or a name on PATH). Default: $PYTHON_EXEC, else the Python running "
+        "the launcher; the frozen launcher looks for python3, then python, on PATH.")
+    add("--log-dir", "--log_dir", action=EnvDefault, type=_log_dir, default=None,
+        help="Base directory to use for log files (e.g. /var/log/torch/elastic). The same directory is reused "
+        "for multiple runs (a unique job-level sub-directory is created with rdzv_id as the prefix).")
+    add("-r", "--redirects", action=EnvDefault, type=_std, default="0",
+        help="Redirect std streams into a log file in the log directory (e.g. [-r 3] redirects both "
+        "stdout+stderr for all workers, [-r 0:1,1:2] redirects stdout for local rank 0 and stderr for local "
+        "rank 1).")
+    add("-t", "--tee", action=EnvDefault, type=_std, default="0",
+        help="Tee std streams into a log file and also to console (see --redirects for format).")
+    add("--local-ranks-filter", "--local_ranks_filter", action=EnvDefault, type=_local_ranks, default="",
+        help="Only show logs from specified ranks in console (e.g. [--local_ranks_filter=0,1,2] will only show "
+        "logs from rank 0, 1 and 2). This will only apply to stdout and stderr, not to log files saved via "
+        "--redirect or --tee.")
+    add("--duplicate-stdout-filters", "--duplicate_stdout_filters", action=EnvDefault, type=comma_separated_list,
+        default=[],
+        help="Duplicates logs streamed to stdout to another specified file with a list of filters (e.g. "
+        "[--duplicate_stdout_filters 'apple,orange'] will duplicate log lines matching 'apple' OR 'orange'. An "
+        "empty filters list won't duplicate any lines. Use double comma to escape a comma).")
+    add("--duplicate-stderr-filters", "--duplicate_stderr_filters", action=EnvDefault, type=comma_separated_list,
+        default=[], help="As --duplicate-stdout-filters, for stderr.")
+
+    add("--node-rank", "--node_rank", action=EnvDefault, type=_integer(0), default=0,
+        help="Rank of the node for multi-node distributed training. It is only used for static rendezvous "
+        "(i.e., when --rdzv-backend=static).")
+    add("--master-addr", "--master_addr", action=EnvDefault, default="127.0.0.1",
+        type=_check("a host name, an IPv4 address or an IPv6 address in brackets", _host_ok),
+        help="Address of the master node (rank 0), only used for static rendezvous. IPv6 should have the "
+        "pattern `[0:0:0:0:0:0:0:1]`.")
+    add("--master-port", "--master_port", action=EnvDefault, type=_integer(0, 65535), default=None,
+        help="Port on the master node (rank 0), only used for static rendezvous. Defaults to 29500.")
+    add("--local-addr", "--local_addr", action=EnvDefault, default=None,
+        type=_check("a host name or address", _host_ok),
+        help="Address of the local node. If specified, will use the given address for connection. Else, it "
+        "will be default to local machine's FQDN.")
+    add("--logs-specs", "--logs_specs", action=EnvDefault, default=None,
+        help="torchrun.logs_specs entry point name. 'default' is torchrun's layout, which this launcher always "
+        "writes; another name must be installed, and its class (a torch LogsSpecs) is not loaded here.")
+    add("--numa-binding", "--numa_binding", action=EnvDefault, type=_one_of(NUMA_MODES), default=None,
+        metavar="{" + ",".join(NUMA_MODES) + "}",
+        help="Bind worker processes to CPUs and memory near their GPUs (node, socket, exclusive, "
+        "core-complex; see torch.numa.binding.AffinityMode). Ignored without GPUs.")
+    add("--signals-to-handle", "--signals_to_handle", action=EnvDefault, type=_signals,
+        default="SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+        help="Comma-separated list of signals to handle and forward to subprocesses. Default: "
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT. Common additional signals: SIGUSR1,SIGUSR2 (used in SLURM environments).")
+    add("--shutdown-timeout", "--shutdown_timeout", action=EnvDefault, type=_integer(0), default=None,
+        help="Time in seconds to wait for graceful shutdown of worker processes before sending SIGKILL. If not "
+        "specified, uses TORCH_ELASTIC_SHUTDOWN_TIMEOUT environment variable or defaults to 30 seconds.")
+    add("--virtual-local-rank", "--virtual_local_rank", action=EnvFlag,
+        help="Enable virtual local rank mode for workers: LOCAL_RANK is 0 for all workers and "
+        "CUDA_VISIBLE_DEVICES is narrowed so each worker sees its assigned GPU at device index 0.")
+
+    add("training_script", type=str,
+        help="Full path to the (single GPU) training program/script to be launched in parallel, followed by "
+        "all the arguments for the training script.")
+    add("training_script_args", nargs=REMAINDER)
+    return parser
+
+
+def parse_args(args: list[str] | None = None) -> Namespace:
+    return get_args_parser().parse_args(args)
+
+
+# From arguments to a launch ---------------------------------------------------------------------
+
+
+def config_from_args(args: Namespace):
+    """``(LaunchConfig, entrypoint, worker args)`` from parsed arguments, as torch's ``config_from_args``.
+
+    ``args.use_env`` (only the legacy launch has it) False: each worker gets
+    ``--local-rank=N`` before the script's own arguments. Sets ``OMP_NUM_THREADS=1`` in this
+    process's environment (the workers inherit it) when more than one worker
+    runs per node and the user has not set it.
+    """
+    from launcher.api import LaunchConfig
+    from launcher.logs import LogsSpecs, Std
+
+    min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
+    nproc_per_node = determine_local_world_size(args.nproc_per_node)
+    if "OMP_NUM_THREADS" not in os.environ and nproc_per_node > 1:
+        omp_num_threads = 1
+        log.warning(
+            "\n*****************************************\n"
+            "Setting OMP_NUM_THREADS environment variable for each process to be "
+            "%s in default, to avoid your system being overloaded, "
+            "please further tune the variable for optimal performance in "
+            "your application as needed. \n"
+            "*****************************************",
+            omp_num_threads,
+        )
+        os.environ["OMP_NUM_THREADS"] = str(omp_num_threads)
+
+    rdzv_configs: dict = parse_rendezvous_config(args.rdzv_conf)
+    if args.rdzv_backend == "static":
+        if args.node_rank >= max_nodes:
+            raise UsageError(f"argument --node-rank: expected 0 to {max_nodes - 1} (--nnodes={args.nnodes}), got {args.node_rank}")
+        rdzv_configs["rank"] = args.node_rank
+    rdzv_endpoint = args.rdzv_endpoint
+    if args.rdzv_backend in ("static", "c10d") and ("," in rdzv_endpoint or "://" in rdzv_endpoint):
+        raise UsageError(
+            f"argument --rdzv-endpoint: {args.rdzv_backend} takes one <host>[:<port>] (lists and URLs are for etcd), "
+            f"got {rdzv_endpoint!r}"
+        )
+    if args.rdzv_backend == "static" and not rdzv_endpoint:
+        rdzv_endpoint = f"{args.master_addr}:{args.master_port}"
+
+    _check_logs_specs(args.logs_specs)
+    logs_specs = LogsSpecs(
+        log_dir=args.log_dir,
+        redirects=Std.from_str(args.redirects),
+        tee=Std.from_str(args.tee),
+        local_ranks_filter={int(rank) for rank in args.local_ranks_filter.split(",")} if args.local_ranks_filter else None,
+    )
+    config = LaunchConfig(
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_per_node=nproc_per_node,
+        run_id=args.rdzv_id,
+        role=args.role,
+        rdzv_endpoint=rdzv_endpoint,
+        rdzv_backend=args.rdzv_backend,
+        rdzv_configs=rdzv_configs,
+        max_restarts=args.max_restarts,
+        monitor_interval=args.monitor_interval,
+        start_method=args.start_method,
+        log_line_prefix_template=os.getenv("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"),
+        local_addr=args.local_addr,
+        logs_specs=logs_specs,
+        event_log_handler=args.event_log_handler,
+        numa_binding=_numa_binding(args.numa_binding, nproc_per_node),
+        signals_to_handle=args.signals_to_handle,
+        duplicate_stdout_filters=args.duplicate_stdout_filters,
+        duplicate_stderr_filters=args.duplicate_stderr_filters,
+        virtual_local_rank=args.virtual_local_rank,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    entrypoint, cmd_args = worker_command(args)
+    return config, entrypoint, cmd_args
+
+
+def worker_command(args: Namespace) -> tuple[str, list[str]]:
+    """The program each worker runs and its arguments (the agent substitutes ``${local_rank}``)."""
+    if args.run_path:
+        if args.module:
+            raise UsageError("argument --run-path: runs a script file; it cannot be combined with -m/--module")
+        if args.no_python:
+            log.warning("--no-python is ignored: --run-path runs the script in the worker interpreter")
+        entrypoint, cmd_args = worker_python(args.python), ["-u", "-c", RUN_PATH_CODE, args.training_script]
+    elif args.no_python:
+        if args.module:
+            raise UsageError("Don't use both the '--no-python' flag and the '--module' flag at the same time.")
+        if args.python:
+            raise UsageError("argument --python: names the worker interpreter; --no-python runs the program without one")
+        entrypoint, cmd_args = args.training_script, []
+    else:
+        cmd_args = ["-u", "-m", args.training_script] if args.module else ["-u", args.training_script]
+        entrypoint = worker_python(args.python)
+    if not getattr(args, "use_env", True):  # torch's get_use_env: torchrun's arguments have no use_env
+        cmd_args.append(f"--local-rank={LOCAL_RANK_MACRO}")
+    return entrypoint, cmd_args + list(args.training_script_args)
+
+
+def worker_python(python: str | None) -> str:
+    """``--python``, else ``$PYTHON_EXEC``, else this interpreter; frozen: python3 then python on PATH."""
+    if python:
+        return python
+    if os.environ.get("PYTHON_EXEC"):
+        return os.environ["PYTHON_EXEC"]
+    if not getattr(sys, "frozen", False) and sys.executable:
+        return sys.executable
+    found = shutil.which("python3") or shutil.which("python")
+    if found is None:
+        raise UsageError(
+            "no Python for the workers: python3 and python are not on PATH; give --python PATH "
+            "(or --no-python to run a program directly)"
+        )
+    return found
+
+
+def _check_logs_specs(name: str | None) -> None:
+    """torchrun's --logs-specs names an entry point of group torchrun.logs_specs (a torch class)."""
+    if name is None or name == "default":  # torch registers its DefaultLogsSpecs as "default": our layout
+        return
+    from importlib import metadata
+
+    entry_points = metadata.entry_points()
+    # Python 3.9's entry_points() is a dict of groups; later ones select.
+    group = entry_points.select(group="torchrun.logs_specs") if hasattr(entry_points, "select") else entry_points.get("torchrun.logs_specs", ())
+    found = [entry for entry in group if entry.name == name]
+    if not found:
+        raise UsageError(f"Could not find entrypoint under 'torchrun.logs_specs[{name}]' key")
+    log.warning(
+        "--logs-specs=%s names %s, a torch LogsSpecs class; this launcher does not load torch and writes "
+        "torchrun's default log layout",
+        name,
+        found[0].value,
+    )
+
+
+def _numa_binding(mode: str | None, nproc_per_node: int) -> str | None:
+    """The mode to pass on, checked here so a bad topology fails before any worker starts."""
+    if mode is None:
+        return None
+    from launcher.devices import numa_bindings
+
+    if numa_bindings(mode, nproc_per_node) is None:
+        log.warning("--numa-binding=%s is ignored: no GPUs are visible on this node", mode)
+        return None
+    return mode
+
+
+def prepare_launch(args: Namespace):
+    """torchrun's ``run`` up to the launch: settle the rendezvous, then ``config_from_args``.
+
+    ``--standalone``: c10d on a free loopback port with a fresh id. Under srun:
+    Slurm's defaults (see launcher.slurm). torchrun's single-node rule: static
+    without endpoint or master port and at most one node becomes c10d on a
+    free loopback port (keeping a --rdzv-id the user gave).
+    """
+    from launcher.slurm import apply_slurm_defaults
+
+    if args.standalone:
+        ignored = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("rdzv_backend", "rdzv_endpoint", "rdzv_id") if name in args.explicit]
+        if ignored:
+            log.warning("--standalone: ignoring %s; using a local c10d store on a free port", " ".join(ignored))
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+        log.info("Rendezvous info: --rdzv-backend=c10d --rdzv-endpoint=localhost:0 --rdzv-id=%s", args.rdzv_id)
+    else:
+        apply_slurm_defaults(args, os.environ)
+        _, max_nodes = parse_min_max_nnodes(args.nnodes)
+        if args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None and max_nodes == 1:
+            args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"
+            if "rdzv_id" not in args.explicit:
+                args.rdzv_id = str(uuid.uuid4())
+    if args.master_port is None:
+        args.master_port = DEFAULT_MASTER_PORT
+    if args.rdzv_backend != "static" and not args.rdzv_endpoint and {"master_addr", "master_port"} & args.explicit:
+        log.warning("master_addr is only used for static rdzv_backend and when rdzv_endpoint is not specified.")
+    if args.rdzv_backend != "static" and "node_rank" in args.explicit and args.node_rank != 0:
+        log.warning(
+            "node_rank is only used for static rdzv_backend. It will be ignored for rdzv_backend=%s.", args.rdzv_backend
+        )
+    return config_from_args(args)
+
+
+def launch(config, entrypoint: str, args: list[str]) -> None:
+    from launcher.api import elastic_launch
+
+    elastic_launch(config, entrypoint)(*args)
+
+
+def run(args: Namespace) -> None:
+    launch(*prepare_launch(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """torchrun's ``main``: parse, launch, raise on failure (ValueError for bad flags and values)."""
+    run(parse_args(argv))
+
+
+# Console ----------------------------------------------------------------------------------------
+
+
+class GlogFormatter(logging.Formatter):
+    """``W1121 11:39:49.123 <pid> launcher] message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%m%d %H:%M:%S")
+        line = f"{record.levelname[0]}{stamp}.{int(record.msecs):03d} {record.process} {record.name}] {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging() -> None:
+    """The launcher's log lines, glog-like on stderr, at ``$LOGLEVEL`` (default WARNING, as torchrun)."""
+    level = os.environ.get("LOGLEVEL", "WARNING").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise UsageError(f"LOGLEVEL: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(GlogFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable) -> NoReturn:
+    """Run a launch from the command line and exit: 0 done, 1 workers failed, 2 usage, 128+N signal N."""
+    try:
+        setup_logging()
+        config, entrypoint, args = prepare(parse(sys.argv[1:]))
+    except ValueError as error:
+        message = " ".join(str(error).split("\n"))
+        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)
+    from launcher.errors import ChildFailedError, SignalException
+
+    try:
+        launch(config, entrypoint, args)
+    except ChildFailedError as error:
+        print(error, file=sys.stderr)
+        sys.exit(1)
+    except SignalException as error:
+        sys.exit(128 + int(error.sigval))
+    sys.exit(0)
+
+
+def main_entry() -> NoReturn:
+    """The ``launcher`` console script and ``python -m launcher``."""
+    console_main("launcher", parse_args, prepare_launch)

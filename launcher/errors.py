@@ -1,0 +1,389 @@
+"""Worker failure reports: torch's error-file format, ``record``, and the failure summary.
+
+A worker decorated with ``@record`` (torch's or ours) writes its uncaught
+exception to ``TORCHELASTIC_ERROR_FILE`` as JSON. torch 2.13 writes two shapes:
+
+``record`` in the worker::
+
+    {"message": {"message": "<ExcType>: <msg>",
+                 "extraInfo": {"py_callstack": "<traceback>", "timestamp": "<int epoch seconds>"}}}
+
+``record`` in a launcher whose child failed (``ErrorHandler.dump_error_file``)
+copies the child's file and adds ``"errorCode": <exit code>`` next to the
+inner ``"message"``. torch's reader also accepts a plain-string message,
+``{"message": "<text>", "timestamp": <epoch seconds>}``, which other tools write.
+
+The launcher reads these with :func:`read_error_file` and reports every failed
+worker with :func:`format_summary` (text shaped like torchrun's, root cause
+first) and :func:`summary_json`. This module never imports torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import functools
+import json
+import math
+import os
+import signal
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = [
+    "ChildFailedError",
+    "ERROR_FILE_ENV",
+    "ErrorRecord",
+    "Failure",
+    "SignalException",
+    "STDERR_TAIL_LINES",
+    "format_summary",
+    "read_error_file",
+    "read_stderr_tail",
+    "record",
+    "summary_json",
+    "write_summary_json",
+]
+
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+STDERR_TAIL_LINES = 20
+# Bounds the read of a huge log; 20 lines of a traceback fit many times over.
+_STDERR_TAIL_BYTES = 64 * 1024
+_NOT_AVAILABLE = "<N/A>"  # torchrun's marker for a missing error file
+_RULER_MAX_WIDTH = 60  # torchrun's
+
+
+@dataclass
+class ErrorRecord:
+    """What a worker's error file says.
+
+    ``raw`` is the parsed JSON, or None when the file is not JSON; then
+    ``message`` says why the file could not be read.
+    """
+
+    message: str
+    traceback: str | None
+    timestamp: float | None  # seconds since the epoch, as the worker wrote it
+    raw: Any
+
+
+def read_error_file(path: str) -> ErrorRecord | None:
+    """Parse a torch error file; None when there is none.
+
+    Never raises: a file that cannot be read or parsed gives a record whose
+    message says so, because this runs while reporting another failure.
+    """
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as fp:
+            data = json.loads(fp.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        # ValueError covers JSONDecodeError and UnicodeDecodeError; an empty
+        # file is what a worker killed while writing torch's record leaves.
+        return ErrorRecord(f"unreadable error file ({type(e).__name__}: {e})", None, None, None)
+    if not isinstance(data, dict) or "message" not in data:
+        return ErrorRecord("error file has no 'message' field", None, None, data)
+    message = data["message"]
+    if isinstance(message, dict):
+        extra = message.get("extraInfo")
+        extra = extra if isinstance(extra, dict) else {}
+        callstack = extra.get("py_callstack")
+        return ErrorRecord(
+            message=str(message.get("message", _NOT_AVAILABLE)),
+            traceback=callstack if isinstance(callstack, str) and callstack.strip() else None,
+            timestamp=_epoch_seconds(extra.get("timestamp")),
+            raw=data,
+        )
+    return ErrorRecord(str(message), None, _epoch_seconds(data.get("timestamp")), data)
+
+
+def _epoch_seconds(value: Any) -> float | None:
+    """torch writes the timestamp as a string of whole seconds; others write a number."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _write_json_atomically(path: str, data: Any) -> None:
+    # A worker is often killed moments after it fails (the agent stops the
+    # group): a rename means readers see the whole file or none.
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as fp:
+            json.dump(data, fp)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def record(fn: Callable) -> Callable:
+    """Write an uncaught exception of ``fn`` to ``TORCHELASTIC_ERROR_FILE``, like torch's ``@record``.
+
+    Behaves as torch 2.13's: enables ``faulthandler`` so a fatal signal
+    prints the Python stacks to stderr; an ``Exception`` is written (an
+    existing file is overwritten) and re-raised; ``SystemExit(0)`` returns
+    None and other ``SystemExit``/``BaseException`` pass through unrecorded;
+    a :class:`ChildFailedError` copies the root cause's error file with its
+    exit code as ``errorCode``. An unset or empty variable writes nothing.
+    Unlike torch's, failing to write the file warns instead of replacing the
+    user's exception.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            faulthandler.enable(all_threads=True)
+        except Exception as e:  # e.g. stderr closed or without a file descriptor
+            warnings.warn(f"Unable to enable fault handler. {type(e).__name__}: {e}", stacklevel=2)
+        try:
+            return fn(*args, **kwargs)
+        except SystemExit as e:
+            # A run_path entrypoint that calls sys.exit(0) would otherwise end its caller.
+            if e.code == 0:
+                return None
+            raise
+        except ChildFailedError as e:
+            _record_child_failure(e.failures[0])
+            raise
+        except Exception as e:
+            _record_exception(e)
+            raise
+
+    return wrapper
+
+
+def _record_exception(e: Exception) -> None:
+    _write_error_file(
+        {
+            "message": {
+                "message": f"{type(e).__name__}: {e}",
+                "extraInfo": {
+                    "py_callstack": traceback.format_exc(),
+                    # whole seconds as a string: torch's reader does int() on it
+                    "timestamp": str(int(time.time())),
+                },
+            }
+        }
+    )
+
+
+def _record_child_failure(root: Failure) -> None:
+    """Pass the root cause's error file up to whoever launched us, as torch's ``dump_error_file`` does."""
+    child = read_error_file(root.error_file) if root.error_file else None
+    # Nothing to pass up when the child wrote no (readable) file.
+    if child is None or not isinstance(child.raw, dict) or "message" not in child.raw:
+        return
+    data = child.raw
+    # The child cannot know its exit code when a signal killed it.
+    if root.torchrun_exitcode and isinstance(data["message"], dict):
+        data["message"]["errorCode"] = root.torchrun_exitcode
+    _write_error_file(data)
+
+
+def _write_error_file(data: dict) -> None:
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    try:
+        _write_json_atomically(path, data)
+    except OSError as e:
+        warnings.warn(f"Unable to write error to file. {type(e).__name__}: {e}", stacklevel=4)
+
+
+def read_stderr_tail(path: str, lines: int = STDERR_TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines of a worker's stderr log, oldest first.
+
+    A line is shown as a terminal would: only the text after its last
+    carriage return (progress bars redraw one line many times). Never raises:
+    a missing file has no lines, an unreadable one gives one line saying so.
+    """
+    try:
+        with open(path, "rb") as fp:
+            size = fp.seek(0, os.SEEK_END)
+            fp.seek(max(0, size - _STDERR_TAIL_BYTES))
+            data = fp.read()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        return [f"<unreadable stderr log ({type(e).__name__}: {e})>"]
+    text = data.decode("utf-8", errors="replace").rstrip("\n")
+    if not text:
+        return []
+    all_lines = text.split("\n")
+    if size > len(data):
+        all_lines = all_lines[1:]  # the read began mid-line
+    return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in all_lines[-lines:]]
+
+
+@dataclass
+class Failure:
+    """One worker that ended unsuccessfully, as the agent saw it."""
+
+    rank: int  # global rank
+    local_rank: int
+    role: str
+    host: str
+    pid: int
+    exitcode: int | None  # None when a signal ended it
+    signal: int | None  # the signal number that ended it, else None
+    core_dumped: bool
+    ended_at: float  # seconds since the epoch
+    error_file: str | None  # the worker's TORCHELASTIC_ERROR_FILE
+    stderr_tail: list[str] | None  # read_stderr_tail of its stderr log; None when stderr was not captured
+
+    def __post_init__(self):
+        if (self.exitcode is None) == (self.signal is None):
+            raise ValueError(f"a failure has an exit code or a signal, got exitcode={self.exitcode} signal={self.signal}")
+
+    @property
+    def torchrun_exitcode(self) -> int:
+        """The exit code as torchrun reports it: minus the signal number for a signal death."""
+        return -self.signal if self.signal is not None else self.exitcode
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name
+        except ValueError:
+            return f"signal {self.signal}"
+
+
+@dataclass
+class _Report:
+    """A failure with its error file read and the time it is ordered by."""
+
+    failure: Failure
+    error: ErrorRecord | None
+    time: float
+
+
+def _reports(failures: list[Failure]) -> list[_Report]:
+    """Root cause first, then the others by time.
+
+    A failure's time is its error file's timestamp, else its exit time.
+    torch's timestamps are whole seconds, so failures are compared by the
+    second first and by exit time within the same second.
+    """
+    if not failures:
+        raise ValueError("no failures to report")
+    reports = []
+    for failure in failures:
+        error = read_error_file(failure.error_file) if failure.error_file else None
+        when = error.timestamp if error is not None and error.timestamp is not None else failure.ended_at
+        reports.append(_Report(failure, error, when))
+    reports.sort(key=lambda r: (math.floor(r.time), r.failure.ended_at, r.failure.rank))
+    return reports
+
+
+def _local_time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d_%H:%M:%S", time.localtime(seconds))
+
+
+def _field(name: str, value: str) -> str:
+    """``  name      : value``, later lines of ``value`` indented under the block."""
+    first, *rest = value.rstrip("\n").split("\n")
+    return "\n".join([f"  {name:<10}: {first}", *(f"    {line}".rstrip() for line in rest)])
+
+
+def _format_failure(index: int, report: _Report) -> str:
+    failure, error = report.failure, report.error
+    lines = [
+        f"[{index}]:",
+        _field("time", _local_time(report.time)),
+        _field("host", failure.host),
+        _field("rank", f"{failure.rank} (local_rank: {failure.local_rank})"),
+        _field("exitcode", f"{failure.torchrun_exitcode} (pid: {failure.pid})"),
+    ]
+    if failure.signal is not None:
+        lines.append(_field("signal", failure.signal_name + (" (core dumped)" if failure.core_dumped else "")))
+    lines.append(_field("error_file", failure.error_file if error is not None else _NOT_AVAILABLE))
+    if error is not None:
+        lines.append(_field("traceback", error.traceback or error.message))
+    # Without a traceback from the error file, stderr is the best account of what happened.
+    if error is None or error.traceback is None:
+        if failure.stderr_tail is None:
+            lines.append(_field("stderr", "<not captured>"))
+        elif not failure.stderr_tail:
+            lines.append(_field("stderr", "<empty>"))
+        else:
+            lines.append(_field("stderr", f"(last {len(failure.stderr_tail)} lines)\n" + "\n".join(failure.stderr_tail)))
+    return "\n".join(lines)
+
+
+def format_summary(name: str, failures: list[Failure]) -> str:
+    """torchrun's failure block with the root cause first and stderr where there is no traceback."""
+    return _format_summary(name, _reports(failures))
+
+
+def _format_summary(name: str, reports: list[_Report]) -> str:
+    title = f"{name} FAILED"
+    root = _format_failure(0, reports[0])
+    others = [_format_failure(index, report) for index, report in enumerate(reports[1:], start=1)]
+    width = min(max(len(line) for line in [title, *"\n".join([root, *others]).split("\n")]), _RULER_MAX_WIDTH)
+    return "\n".join(
+        [
+            "=" * width,
+            title,
+            "-" * width,
+            "Root Cause (first observed failure):",
+            root,
+            "-" * width,
+            "Other Failures:",
+            *(others or ["  <NO_OTHER_FAILURES>"]),
+            "=" * width,
+        ]
+    )
+
+
+def _report_json(report: _Report) -> dict:
+    return {
+        **dataclasses.asdict(report.failure),
+        "time": report.time,
+        "signal_name": report.failure.signal_name,
+        "error": dataclasses.asdict(report.error) if report.error is not None else None,
+    }
+
+
+def summary_json(name: str, failures: list[Failure]) -> dict:
+    """The summary as JSON-ready data: every :class:`Failure` field plus its time and parsed error file."""
+    reports = _reports(failures)
+    return {
+        "name": name,
+        "root_cause": _report_json(reports[0]),
+        "other_failures": [_report_json(report) for report in reports[1:]],
+    }
+
+
+def write_summary_json(path: str, name: str, failures: list[Failure]) -> None:
+    _write_json_atomically(path, summary_json(name, failures))
+
+
+class ChildFailedError(Exception):
+    """Workers failed; ``str()`` is the summary. torch's name, so users recognise it.
+
+    ``failures`` is ordered root cause first.
+    """
+
+    def __init__(self, name: str, failures: list[Failure]):
+        reports = _reports(failures)
+        self.name = name
+        self.failures = [report.failure for report in reports]
+        self.summary = _format_summary(name, reports)
+        super().__init__(self.summary)
+
+
+class SignalException(Exception):
+    """The launcher received a signal it handles (``sigval``); torch's name and signature."""
+
+    def __init__(self, msg: str, sigval: signal.Signals) -> None:
+        super().__init__(msg)
+        self.sigval = sigval

@@ -1,0 +1,374 @@
+"""Device counting without torch: NVML through a fake library, the procfs fallback, sysfs topologies."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launcher import devices
+from launcher.devices import Gpu, apply_visible_devices, determine_local_world_size, numa_bindings
+
+# A stand-in for libnvidia-ml.so.1: its GPUs come from FAKE_NVML_UUIDS and
+# FAKE_NVML_BUS_IDS (comma lists); FAKE_NVML_INIT_RC makes nvmlInit_v2 fail.
+# FAKE_NVML_LOG, when set, is a file that records init and shutdown calls.
+FAKE_NVML_SOURCE = textwrap.dedent(
+    r"""
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <string.h>
+
+    typedef struct {
+        char busIdLegacy[16];
+        unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+        char busId[32];
+    } pci_info;
+
+    static int item(const char *var, unsigned int index, char *out, size_t size) {
+        const char *list = getenv(var);
+        if (!list) return 0;
+        for (unsigned int i = 0; i < index; i++) {
+            list = strchr(list, ',');
+            if (!list) return 0;
+            list++;
+        }
+        size_t n = strcspn(list, ",");
+        if (n == 0 || n >= size) return 0;
+        memcpy(out, list, n);
+        out[n] = 0;
+        return 1;
+    }
+
+    static void note(const char *what) {
+        const char *path = getenv("FAKE_NVML_LOG");
+        if (!path) return;
+        FILE *f = fopen(path, "a");
+        if (f) { fprintf(f, "%s\n", what); fclose(f); }
+    }
+
+    int nvmlInit_v2(void) {
+        note("init");
+        const char *rc = getenv("FAKE_NVML_INIT_RC");
+        return rc ? atoi(rc) : 0;
+    }
+
+    int nvmlShutdown(void) { note("shutdown"); return 0; }
+
+    int nvmlDeviceGetCount_v2(unsigned int *count) {
+        char uuid[96];
+        unsigned int n = 0;
+        while (item("FAKE_NVML_UUIDS", n, uuid, sizeof uuid)) n++;
+        *count = n;
+        return 0;
+    }
+
+    int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **handle) {
+        *handle = (void *)(size_t)(index + 1);
+        return 0;
+    }
+
+    int nvmlDeviceGetUUID(void *handle, char *uuid, unsigned int length) {
+        return item("FAKE_NVML_UUIDS", (unsigned int)(size_t)handle - 1, uuid, length) ? 0 : 2;
+    }
+
+    int nvmlDeviceGetPciInfo(void *handle, pci_info *pci) {
+        char bus_id[32];
+        memset(pci, 0, sizeof *pci);
+        if (!item("FAKE_NVML_BUS_IDS", (unsigned int)(size_t)handle - 1, bus_id, sizeof bus_id)) return 2;
+        if (sscanf(bus_id, "%x:%x:%x", &pci->domain, &pci->bus, &pci->device) != 3) return 2;
+        strncpy(pci->busIdLegacy, bus_id, sizeof pci->busIdLegacy - 1);
+        return 0;
+    }
+    """
+)
+
+UUIDS = ["GPU-11111111-aaaa", "GPU-22222222-bbbb", "GPU-23333333-cccc"]
+BUS_IDS = ["0000:1b:00.0", "0000:3b:00.0", "0000:b1:00.0"]
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_library(tmp_path_factory):
+    """The fake NVML, compiled once."""
+    directory = tmp_path_factory.mktemp("fake_nvml")
+    source = directory / "fake_nvml.c"
+    source.write_text(FAKE_NVML_SOURCE)
+    library = directory / "libfake_nvml.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(library), str(source)], check=True)
+    return str(library)
+
+
+@pytest.fixture
+def fake_nvml(fake_nvml_library, monkeypatch):
+    """This process sees the fake NVML with three GPUs and no CUDA_VISIBLE_DEVICES; returns its environment."""
+    settings = {
+        "LAUNCHER_NVML_LIBRARY": fake_nvml_library,
+        "FAKE_NVML_UUIDS": ",".join(UUIDS),
+        "FAKE_NVML_BUS_IDS": ",".join(BUS_IDS),
+    }
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("FAKE_NVML_INIT_RC", raising=False)
+    return settings
+
+
+@pytest.fixture
+def fake_procfs(tmp_path):
+    """A /proc with the NVIDIA driver's GPU directories, listed out of order."""
+    for bus_id, uuid in [(BUS_IDS[1], UUIDS[1]), (BUS_IDS[0], UUIDS[0])]:
+        gpu = tmp_path / "driver" / "nvidia" / "gpus" / bus_id
+        gpu.mkdir(parents=True)
+        (gpu / "information").write_text(
+            f"Model: \t\t NVIDIA Fake\nIRQ:   \t\t 42\nGPU UUID: \t {uuid}\nBus Location: \t {bus_id}\n"
+        )
+    return str(tmp_path)
+
+
+def test_nvml_lists_gpus_with_uuid_and_pci_location(fake_nvml, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_NVML_LOG", str(tmp_path / "calls"))
+    assert devices.physical_gpus() == [Gpu(uuid, bus) for uuid, bus in zip(UUIDS, BUS_IDS)]
+    assert (tmp_path / "calls").read_text().split() == ["init", "shutdown"]
+
+
+def test_nvml_unloadable_falls_back_to_procfs(fake_nvml, fake_procfs, monkeypatch):
+    monkeypatch.setenv("LAUNCHER_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1")
+    assert devices.physical_gpus(fake_procfs) == [Gpu(UUIDS[0], BUS_IDS[0]), Gpu(UUIDS[1], BUS_IDS[1])]
+
+
+def test_nvml_init_failure_falls_back_to_procfs(fake_nvml, fake_procfs, monkeypatch):
+    monkeypatch.setenv("FAKE_NVML_INIT_RC", "9")  # NVML_ERROR_DRIVER_NOT_LOADED
+    assert len(devices.physical_gpus(fake_procfs)) == 2
+
+
+def test_no_driver_means_no_gpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAUNCHER_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1")
+    assert devices.physical_gpus(str(tmp_path)) == []
+
+
+GPUS = [Gpu(uuid, bus) for uuid, bus in zip(UUIDS, BUS_IDS)]
+
+
+@pytest.mark.parametrize(
+    "visible, expected",
+    [
+        (None, [0, 1, 2]),
+        ("", []),
+        ("2,0", [2, 0]),
+        (" 1 , 2 ", [1, 2]),
+        ("1gpu,2x", [1, 2]),  # CUDA reads each entry like strtoul
+        ("0,7,1", [0]),  # out of range ends the list
+        ("1,-1,2", [1]),  # negative ends the list
+        ("0,foo,1", [0]),
+        ("0,1,0", []),  # a repeated device empties it
+        ("GPU-2222", [1]),
+        ("GPU-11111111-aaaa,GPU-2333", [0, 2]),
+        ("GPU-2", []),  # ambiguous prefix ends the list
+        ("GPU-1111,GPU-9999,GPU-2222", [0]),  # no such GPU ends the list
+        ("GPU-1111,2", [0]),  # another kind ends the list
+        ("GPU-1111,GPU-11111111", []),  # the same GPU twice
+    ],
+)
+def test_cuda_visible_devices(visible, expected):
+    assert apply_visible_devices(GPUS, visible) == [GPUS[index] for index in expected]
+
+
+def test_cuda_visible_mig_instances_count_one_device_each():
+    assert len(apply_visible_devices(GPUS, "MIG-aaaa,MIG-bbbb,0")) == 2
+    assert apply_visible_devices(GPUS, "MIG-aaaa,MIG-aaaa") == []
+
+
+def test_visible_gpus_reads_cuda_visible_devices(fake_nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-2333,GPU-1111")
+    assert [gpu.uuid for gpu in devices.visible_gpus()] == [UUIDS[2], UUIDS[0]]
+
+
+# --nproc-per-node (torch's test_nproc_* seeds) ---------------------------------------------------
+
+
+def test_nproc_gpu_and_auto_count_three_fake_gpus(fake_nvml):
+    assert determine_local_world_size("gpu") == 3
+    assert determine_local_world_size("auto") == 3
+
+
+def test_nproc_gpu_without_gpus_says_why(fake_nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ValueError, match="--nproc-per-node.*CUDA_VISIBLE_DEVICES=''"):
+        determine_local_world_size("gpu")
+    monkeypatch.setenv("FAKE_NVML_UUIDS", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(ValueError, match="none were found"):
+        determine_local_world_size("gpu")
+
+
+def test_nproc_auto_without_gpus_counts_usable_cpus(fake_nvml, monkeypatch):
+    monkeypatch.setenv("FAKE_NVML_UUIDS", "")
+    monkeypatch.setattr(devices, "xpu_count", lambda: 0)  # whatever render nodes this machine has
+    assert determine_local_world_size("auto") == len(os.sched_getaffinity(0))
+
+
+def test_nproc_cpu_is_the_affinity_mask_not_the_machine():
+    mask = sorted(os.sched_getaffinity(0))[:1]
+    result = subprocess.run(
+        ["taskset", "-c", str(mask[0]), sys.executable, "-c",
+         "from launcher.devices import determine_local_world_size as d; print(d('cpu'))"],
+        capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert result.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("value, count", [("1", 1), ("4", 4), ("12", 12)])
+def test_nproc_number(value, count):
+    assert determine_local_world_size(value) == count
+
+
+@pytest.mark.parametrize("value", ["unknown", "0", "-2", "GPU", ""])
+def test_nproc_unknown_is_a_value_error(value):
+    with pytest.raises(ValueError, match="--nproc-per-node"):
+        determine_local_world_size(value)
+
+
+def _render_node(root, name, vendor, driver):
+    device = root / "devices" / name
+    device.mkdir(parents=True)
+    (device / "vendor").write_text(vendor + "\n")
+    drivers = root / "bus" / "pci" / "drivers" / driver
+    drivers.mkdir(parents=True, exist_ok=True)
+    (device / "driver").symlink_to(drivers)
+    node = root / "class" / "drm" / name
+    node.mkdir(parents=True)
+    (node / "device").symlink_to(device)
+
+
+def test_xpu_counts_intel_render_nodes_with_intel_gpu_drivers(tmp_path):
+    assert devices.xpu_count(str(tmp_path)) == 0
+    _render_node(tmp_path, "renderD128", "0x8086", "i915")
+    _render_node(tmp_path, "renderD129", "0x8086", "xe")
+    _render_node(tmp_path, "renderD130", "0x10de", "nvidia")
+    _render_node(tmp_path, "renderD131", "0x8086", "vfio-pci")
+    assert devices.xpu_count(str(tmp_path)) == 2
+
+
+def test_nproc_xpu_without_intel_gpus_says_so(monkeypatch):
+    monkeypatch.setattr(devices, "xpu_count", lambda: 0)
+    with pytest.raises(ValueError, match="'xpu' needs Intel GPUs"):
+        determine_local_world_size("xpu")
+
+
+# --numa-binding -----------------------------------------------------------------------------------
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+
+
+@pytest.fixture
+def two_socket_sysfs(tmp_path):
+    """Two sockets, each one NUMA node of 4 cores x 2 threads, two L3 complexes per node.
+
+    CPUs 0-3 and 8-11 are node 0 (socket 0), 4-7 and 12-15 node 1 (socket 1);
+    CPU n and n+8 are hyperthreads of one core. GPUs 0 and 1 sit on node 0,
+    GPU 2 on node 1.
+    """
+    node_cpus = {0: [0, 1, 2, 3, 8, 9, 10, 11], 1: [4, 5, 6, 7, 12, 13, 14, 15]}
+    for node, cpus in node_cpus.items():
+        _write(tmp_path / f"devices/system/node/node{node}/cpulist", ",".join(map(str, cpus)))
+        for cpu in cpus:
+            core = cpu % 8
+            base = tmp_path / f"devices/system/cpu/cpu{cpu}"
+            _write(base / "topology/physical_package_id", str(node))
+            _write(base / "topology/thread_siblings_list", f"{core},{core + 8}")
+            complex_first = core - core % 2  # cores {0,1},{2,3},{4,5},{6,7} share an L3
+            l3 = f"{complex_first}-{complex_first + 1},{complex_first + 8}-{complex_first + 9}"
+            for index, (level, kind, shared) in enumerate(
+                [(1, "Data", f"{core},{core + 8}"), (1, "Instruction", f"{core},{core + 8}"),
+                 (2, "Unified", f"{core},{core + 8}"), (3, "Unified", l3)]
+            ):
+                _write(base / f"cache/index{index}/level", str(level))
+                _write(base / f"cache/index{index}/type", kind)
+                _write(base / f"cache/index{index}/shared_cpu_list", shared)
+    for bus, node in zip(BUS_IDS, [0, 0, 1]):
+        _write(tmp_path / f"bus/pci/devices/{bus}/numa_node", str(node))
+    return str(tmp_path)
+
+
+def bind(mode, nproc, sysfs, allowed=range(16)):
+    return numa_bindings(mode, nproc, sysfs_root=sysfs, gpus=GPUS, allowed_cpus=set(allowed))
+
+
+def test_numa_node_mode(two_socket_sysfs):
+    node0, node1 = {0, 1, 2, 3, 8, 9, 10, 11}, {4, 5, 6, 7, 12, 13, 14, 15}
+    assert bind("node", 3, two_socket_sysfs) == {0: (node0, {0}), 1: (node0, {0}), 2: (node1, {1})}
+
+
+def test_numa_node_mode_keeps_only_allowed_cpus(two_socket_sysfs):
+    assert bind("node", 1, two_socket_sysfs, allowed=[1, 2, 4])[0] == ({1, 2}, {0})
+
+
+def test_numa_socket_mode(two_socket_sysfs):
+    bindings = bind("socket", 3, two_socket_sysfs)
+    assert bindings[0] == ({0, 1, 2, 3, 8, 9, 10, 11}, {0})
+    assert bindings[2] == ({4, 5, 6, 7, 12, 13, 14, 15}, {1})
+
+
+def test_numa_socket_mode_joins_the_nodes_of_one_socket(two_socket_sysfs):
+    # Make node 1 part of socket 0: both nodes are then GPU 0's socket.
+    for cpu in [4, 5, 6, 7, 12, 13, 14, 15]:
+        _write(Path(two_socket_sysfs) / f"devices/system/cpu/cpu{cpu}/topology/physical_package_id", "0")
+    assert bind("socket", 1, two_socket_sysfs)[0] == (set(range(16)), {0, 1})
+
+
+def test_numa_exclusive_mode_splits_physical_cores(two_socket_sysfs):
+    bindings = bind("exclusive", 3, two_socket_sysfs)
+    assert bindings[0] == ({0, 1, 8, 9}, {0})  # node 0's four cores shared by GPUs 0 and 1
+    assert bindings[1] == ({2, 3, 10, 11}, {0})
+    assert bindings[2] == ({4, 5, 6, 7, 12, 13, 14, 15}, {1})
+
+
+def test_numa_exclusive_mode_gives_lower_gpus_the_extra_core(two_socket_sysfs):
+    bindings = bind("exclusive", 2, two_socket_sysfs, allowed=[0, 1, 2, 8, 9, 10])  # three cores on node 0
+    assert bindings[0] == ({0, 1, 8, 9}, {0})
+    assert bindings[1] == ({2, 10}, {0})
+
+
+def test_numa_exclusive_mode_needs_a_core_per_gpu(two_socket_sysfs):
+    with pytest.raises(ValueError, match="--numa-binding=exclusive.*1 physical core"):
+        bind("exclusive", 2, two_socket_sysfs, allowed=[0, 8, 4])
+
+
+def test_numa_core_complex_mode(two_socket_sysfs):
+    bindings = bind("core-complex", 3, two_socket_sysfs)
+    assert bindings[0] == ({0, 1, 8, 9}, {0})
+    assert bindings[1] == ({2, 3, 10, 11}, {0})
+    assert bindings[2] == ({4, 5, 12, 13}, {1})
+
+
+def test_numa_core_complex_prefers_the_largest_complexes(two_socket_sysfs):
+    bindings = bind("core-complex", 1, two_socket_sysfs, allowed=[0, 2, 3, 10])
+    assert bindings[0] == ({2, 3, 10}, {0})
+
+
+def test_numa_without_gpus_is_none(two_socket_sysfs):
+    assert numa_bindings("node", 2, sysfs_root=two_socket_sysfs, gpus=[], allowed_cpus=set(range(16))) is None
+
+
+def test_numa_more_workers_than_gpus_is_an_error(two_socket_sysfs):
+    with pytest.raises(ValueError, match="4 workers per node but 3 visible GPU"):
+        bind("node", 4, two_socket_sysfs)
+
+
+def test_numa_single_node_machine_reports_minus_one(two_socket_sysfs):
+    _write(Path(two_socket_sysfs) / f"bus/pci/devices/{BUS_IDS[2]}/numa_node", "-1")
+    assert bind("node", 3, two_socket_sysfs)[2] == ({0, 1, 2, 3, 8, 9, 10, 11}, {0})
+
+
+def test_numa_missing_topology_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="--numa-binding=node: cannot place the workers"):
+        bind("node", 1, str(tmp_path))
+
+
+def test_numa_bindings_default_to_the_visible_gpus(fake_nvml, two_socket_sysfs, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    bindings = numa_bindings("node", 1, sysfs_root=two_socket_sysfs, allowed_cpus=set(range(16)))
+    assert bindings == {0: ({4, 5, 6, 7, 12, 13, 14, 15}, {1})}
