@@ -133,8 +133,8 @@ class WorkerGroup:
         if self._native is not None:
             raise RuntimeError("the group was already started")
         self._native = Supervisor(self.signal_watch.fileno() if self.signal_watch is not None else -1)
-        self._native.start_guardian()
         try:
+            self._native.start_guardian()
             for worker in self.workers:
                 self._native.spawn(
                     _programs(worker.argv[0], worker.env),

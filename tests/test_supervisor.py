@@ -87,11 +87,16 @@ class Harness:
 
     def finish(self, timeout=60):
         out, err = self.proc.communicate(timeout=timeout)
+        if os.path.exists(self.state_path + ".exits"):
+            self.exits()  # no zombie left
         return self.proc.returncode, out, err
 
     def exits(self):
+        """Every worker's exit, as the launcher saw it once the group ended (when it left no zombie)."""
         with open(self.state_path + ".exits") as f:
-            return json.load(f)
+            ended = json.load(f)
+        assert ended["zombies"] == []
+        return ended["exits"]
 
     def file(self, name):
         return (self.directory / name).read_text()
