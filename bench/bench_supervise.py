@@ -1,6 +1,6 @@
 """Supervision against torchrun: how fast a failure tears the group down, and what watching costs.
 
-(a) Teardown latency: one worker exits 1 at an instant it records; the others
+(a) Teardown latency: one worker exits 1 at a random instant it records; the others
     record when their SIGTERM handler runs. Latency = their instant - its,
     over 4 x runs launches (torchrun's depends on where its 0.1 s monitor
     period happens to be, so a few launches would not show it).
@@ -12,18 +12,17 @@ Run as a script, this file is the worker of (a):
 """
 from __future__ import annotations
 
-import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench.common import PYTHON, REPO, TORCHRUN, Row, percentile
+from bench.common import LAUNCHER, PYTHON, REPO, TORCHRUN, Row, percentile
 
 HERE = os.path.abspath(__file__)
-HARNESS = [PYTHON, os.path.join(REPO, "tests", "workers", "sup_harness.py")]
 NPROC = 4
 IDLE_WORKERS = 32
 IDLE_SECONDS = 10.0
@@ -35,20 +34,19 @@ def bench_env() -> dict:
     return env
 
 
+def launch(command: list[str], nproc: int, argv: list[str], directory: str) -> subprocess.Popen:
+    """``command --standalone --nproc-per-node=N`` of ``argv`` (a Python script, or a program with --no-python)."""
+    args = argv[1:] if argv[0] == PYTHON else ["--no-python", *argv]
+    return subprocess.Popen(command + ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", *args],
+                            env=bench_env(), cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def ours(nproc: int, argv: list[str], directory: str) -> subprocess.Popen:
-    """Our launcher around a WorkerGroup with the agent's policy (tests/workers/sup_harness.py)."""
-    spec = os.path.join(directory, "spec.json")
-    with open(spec, "w") as f:
-        json.dump({"nproc": nproc, "argv": argv, "log_dir": os.path.join(directory, "logs"),
-                   "state": os.path.join(directory, "state")}, f)
-    return subprocess.Popen(HARNESS + [spec], env=bench_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return launch(LAUNCHER, nproc, argv, directory)
 
 
 def torchrun(nproc: int, argv: list[str], directory: str) -> subprocess.Popen:
-    args = ["--no-python", *argv] if argv[0] != PYTHON else argv[1:]
-    return subprocess.Popen(TORCHRUN + ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", *args],
-                            env=bench_env(), cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return launch(TORCHRUN, nproc, argv, directory)
 
 
 def teardown_latencies(launch, runs: int) -> list[float]:
@@ -131,6 +129,8 @@ def worker(directory: str) -> None:
     if rank == 0:
         while not all(os.path.exists(os.path.join(directory, f"{r}.ready")) for r in range(1, NPROC)):
             time.sleep(0.005)
+        # A random instant, so that no launch is in step with a launcher's polling period.
+        time.sleep(random.uniform(0, 0.2))
         write(os.path.join(directory, "exit"), repr(time.time()))
         os._exit(1)
 
