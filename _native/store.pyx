@@ -1,4 +1,4 @@
-# cython: boundscheck=False, wraparound=False, cdivision=True
+# cython: boundscheck=False, wraparound=False, cdivision=True, auto_pickle=False
 """The c10d TCPStore wire protocol (PyTorch 2.13): a server and a blocking client.
 
 The server is one epoll loop on a native thread. Keys, values, queues and
@@ -11,9 +11,11 @@ Limits, so that no client can take the server down or grow it without bound:
 * a key or value may hold at most ``max_value_size`` bytes and one request at
   most ``max_value_size + 64 KiB``; a longer length prefix closes the
   connection before anything is buffered;
-* a request must arrive completely within ``request_timeout`` seconds of its
-  first byte (a client trickling bytes slower than that is closed; a slow
-  client never delays anyone else, the loop does not block on it);
+* a request must arrive completely within ``request_timeout`` seconds
+  (default 60) of its first byte; a client trickling bytes slower than that is
+  closed at the next sweep, which runs once a second while any request is
+  incomplete. A slow client never delays anyone else: the loop never blocks
+  on one. Idle connections (nothing buffered) are never closed;
 * a connection stops being read while more than 4 MiB of its replies are
   unsent, so a client that does not read cannot grow the server either.
 
@@ -21,13 +23,13 @@ Every closed-for-cause connection gets one log line on stderr, written by the
 loop thread with a single write(2).
 """
 from cython.operator cimport dereference as deref, preincrement as inc
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport (EADDRINUSE, EADDRNOTAVAIL, EAFNOSUPPORT, EAGAIN, EBADF, ECONNABORTED, EINPROGRESS, EINTR,
-                         EMFILE, ENFILE, ETIMEDOUT, errno)
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.errno cimport (EADDRINUSE, EADDRNOTAVAIL, ENOMEM, EAFNOSUPPORT, EAGAIN, ECONNABORTED, EINPROGRESS, EINTR,
+                         EMFILE, ENFILE, errno)
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy, memset, strerror
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset, strerror
 from libc.time cimport localtime_r, time_t, tm
 from libcpp.deque cimport deque
 from libcpp.string cimport string
@@ -42,7 +44,7 @@ from posix.unistd cimport close, getpid, read, write
 from linux cimport (AF_INET, AF_INET6, AF_UNSPEC, AI_PASSIVE, EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC,
                     EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                     INET6_ADDRSTRLEN, IPPROTO_IPV6, IPPROTO_TCP, IPV6_V6ONLY, MSG_DONTWAIT, MSG_NOSIGNAL,
-                    POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, PR_SET_NAME, SO_ERROR, SO_REUSEADDR,
+                    POLLIN, POLLNVAL, POLLOUT, PR_SET_NAME, SO_ERROR, SO_REUSEADDR,
                     SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, SOMAXCONN, TCP_NODELAY, accept4,
                     addrinfo, bind, connect, epoll_create1, epoll_ctl, epoll_event, epoll_wait, eventfd,
                     freeaddrinfo, gai_strerror, getaddrinfo, getsockname, getsockopt, htole32, htole64,
@@ -1302,19 +1304,26 @@ cdef class Server:
     def close(self):
         """Stop serving: every connection is closed (a client waiting on a key gets an error),
         the thread is joined and every descriptor released. Closing twice does nothing."""
+        with nogil:
+            self.stop()
+
+    cdef void stop(self) noexcept nogil:
         cdef Loop *L = self.loop
         cdef uint64_t one = 1
-        with nogil:
-            pthread_mutex_lock(&L.lock)
-            L.stopping = True
-            pthread_mutex_unlock(&L.lock)
-            if L.running:
-                write(L.wake_fd, &one, 8)  # cannot fail: the counter is far from full
-                pthread_join(L.thread, NULL)
-                L.running = False
-            pthread_mutex_lock(&L.lock)
-            release_everything(L)
-            pthread_mutex_unlock(&L.lock)
+        cdef bint first
+        pthread_mutex_lock(&L.lock)
+        first = not L.stopping
+        L.stopping = True
+        pthread_mutex_unlock(&L.lock)
+        if not first:
+            return
+        if L.running:
+            write(L.wake_fd, &one, 8)  # cannot fail: the counter is far from full
+            pthread_join(L.thread, NULL)
+            L.running = False
+        pthread_mutex_lock(&L.lock)
+        release_everything(L)
+        pthread_mutex_unlock(&L.lock)
 
     def clear(self, bytes keep_prefix=b""):
         """Drop every key and queue, except those whose wire key starts with keep_prefix
@@ -1371,7 +1380,7 @@ cdef class Server:
         return value
 
     def __dealloc__(self):
-        self.close()
+        self.stop()
         pthread_mutex_destroy(&self.loop.lock)
         del self.loop
 
@@ -1492,8 +1501,8 @@ cdef class Client:
     cdef string host_c
     cdef int64_t timeout_ms
     cdef readonly int interrupt_fd
-    cdef string rbuf  # received bytes; the unread ones start at rpos
-    cdef size_t rpos
+    cdef char *rbuf  # received bytes: rlen of them in rcap, the unread ones from rpos
+    cdef size_t rcap, rlen, rpos
     cdef int err  # IO_FAILED: the errno
     cdef string why  # RETRY: why the last connect attempt failed
     cdef object lost  # why the connection is gone for good, else None
@@ -1501,7 +1510,8 @@ cdef class Client:
 
     def __cinit__(self):
         self.fd = -1
-        self.rpos = 0
+        self.rbuf = NULL
+        self.rcap = self.rlen = self.rpos = 0
         pthread_mutex_init(&self.lock, NULL)
 
     def __init__(self, str host, int port, double timeout=300.0, int interrupt_fd=-1):
@@ -1537,6 +1547,7 @@ cdef class Client:
 
     def __dealloc__(self):
         self.abandon()
+        free(self.rbuf)
         pthread_mutex_destroy(&self.lock)
 
     # Blocking steps; each returns a Status.
@@ -1545,8 +1556,14 @@ cdef class Client:
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
-        self.rbuf.clear()
-        self.rpos = 0
+        self.rlen = self.rpos = 0
+
+    cdef void trim(self) noexcept nogil:
+        """Between calls: give back a buffer a large reply grew."""
+        if self.rcap > KEEP_BUFFER and self.rpos == self.rlen:
+            free(self.rbuf)
+            self.rbuf = NULL
+            self.rcap = self.rlen = self.rpos = 0
 
     cdef int send_all(self, const string &data, int64_t deadline) noexcept nogil:
         cdef size_t pos = 0
@@ -1569,19 +1586,26 @@ cdef class Client:
 
     cdef int fill(self, size_t n, int64_t deadline) noexcept nogil:
         """Receive until n unread bytes are buffered."""
-        cdef size_t have, want
+        cdef size_t want
         cdef ssize_t got
         cdef int status
-        while self.rbuf.size() - self.rpos < n:
+        cdef char *grown
+        while self.rlen - self.rpos < n:
             if self.rpos > 0:
-                self.rbuf.erase(0, self.rpos)
+                memmove(self.rbuf, self.rbuf + self.rpos, self.rlen - self.rpos)
+                self.rlen -= self.rpos
                 self.rpos = 0
-            have = self.rbuf.size()
-            want = max(n - have, <size_t>65536)
-            self.rbuf.resize(have + want)
-            got = recv(self.fd, &self.rbuf[have], want, 0)
-            self.rbuf.resize(have + (got if got > 0 else 0))
+            want = max(n - self.rlen, <size_t>65536)
+            if self.rcap - self.rlen < want:
+                grown = <char *>realloc(self.rbuf, self.rlen + want)
+                if grown == NULL:
+                    self.err = ENOMEM
+                    return IO_FAILED
+                self.rbuf = grown
+                self.rcap = self.rlen + want
+            got = recv(self.fd, self.rbuf + self.rlen, self.rcap - self.rlen, 0)
             if got > 0:
+                self.rlen += got
                 continue
             if got == 0:
                 return PEER_CLOSED
@@ -1600,12 +1624,12 @@ cdef class Client:
         cdef int status = self.fill(8, deadline)
         if status != OK:
             return status
-        size = load_u64(<const uint8_t *>self.rbuf.data() + self.rpos)
+        size = load_u64(<const uint8_t *>self.rbuf + self.rpos)
         self.rpos += 8
         status = self.fill(size, deadline)
         if status != OK:
             return status
-        answer.values.push_back(string(self.rbuf.data() + self.rpos, size))
+        answer.values.push_back(string(self.rbuf + self.rpos, size))
         self.rpos += size
         return OK
 
@@ -1621,7 +1645,7 @@ cdef class Client:
             status = self.fill(8, deadline)
             if status != OK:
                 return status
-            answer.number = <int64_t>load_u64(<const uint8_t *>self.rbuf.data() + self.rpos)
+            answer.number = <int64_t>load_u64(<const uint8_t *>self.rbuf + self.rpos)
             self.rpos += 8
             if reply == COUNTED_VALUES:
                 count = <size_t>answer.number
@@ -1652,7 +1676,7 @@ cdef class Client:
         if status == OK:
             status = self.fill(4, deadline)
         if status == OK:
-            if load_u32(<const uint8_t *>self.rbuf.data() + self.rpos) != nonce:
+            if load_u32(<const uint8_t *>self.rbuf + self.rpos) != nonce:
                 return UNEXPECTED_REPLY
             self.rpos += 4
         return status
@@ -1782,6 +1806,7 @@ cdef class Client:
             status = self.exchange(request, reply, count, answer, deadline)
             if status != OK:
                 self.abandon()
+            self.trim()
             pthread_mutex_unlock(&self.lock)
         if status != OK:
             self.fail(status, what)
@@ -1869,6 +1894,7 @@ cdef class Client:
             status = self.wait_keys(request, wait_deadline, deadline)
             if status != OK and status != WAIT_TIMED_OUT:
                 self.abandon()
+            self.trim()
             pthread_mutex_unlock(&self.lock)
         if status == WAIT_TIMED_OUT or status == TIMED_OUT:
             raise DistStoreError(f"wait timeout after {int(timeout * 1000)}ms, keys: "
