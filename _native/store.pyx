@@ -420,6 +420,7 @@ cdef cppclass Loop:
     pthread_t thread
     bint running
     bint stopping
+    bint accepting  # the listening sockets are watched (see set_accepting)
     int epfd
     int wake_fd  # eventfd: written to stop the loop
     int reserve_fd  # given up to accept (and refuse) a connection when out of descriptors
@@ -443,6 +444,7 @@ cdef cppclass Loop:
     __init__():
         this.running = False
         this.stopping = False
+        this.accepting = True
         this.epfd = -1
         this.wake_fd = -1
         this.reserve_fd = -1
@@ -928,40 +930,80 @@ cdef void format_peer(const sockaddr_storage *addr, string *out) noexcept nogil:
     out.assign(<const char *>text)
 
 
+cdef void log_refused(const string &peer, const char *why) noexcept nogil:
+    cdef string line
+    line.assign(b"refused a connection from ")
+    line.append(peer)
+    line.append(b": ")
+    line.append(why)
+    log_line(b'E', line)
+
+
+cdef void set_accepting(Loop *L, bint accepting) noexcept nogil:
+    """Out of descriptors with no reserve left: stop watching the listening sockets (they would
+    stay readable and spin the loop) until a connection closes and a reserve can be had again."""
+    cdef epoll_event ev
+    cdef string line
+    L.accepting = accepting
+    for fd in L.listen_fds:
+        ev.events = EPOLLIN
+        ev.data.fd = fd
+        # Failure leaves the socket as it was: watched (and spinning) or not (until a later close).
+        epoll_ctl(L.epfd, EPOLL_CTL_ADD if accepting else EPOLL_CTL_DEL, fd, &ev)
+    line.assign(b"accepting connections again" if accepting else
+                b"stopped accepting connections: out of file descriptors; resuming when one closes")
+    log_line(b'W' if accepting else b'E', line)
+
+
 cdef void on_acceptable(Loop *L, int listen_fd) noexcept nogil:
     cdef sockaddr_storage addr
     cdef socklen_t size
-    cdef int fd, one = 1, i
+    cdef int fd, code, one = 1, i
     cdef epoll_event ev
     cdef Conn *c
-    cdef string line
+    cdef string peer, line
     for i in range(ACCEPT_BUDGET):
         size = sizeof(addr)
         fd = accept4(listen_fd, <sockaddr *>&addr, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
-            if errno == EINTR or errno == ECONNABORTED:
+            code = errno
+            if code == EINTR or code == ECONNABORTED:
                 continue
-            if (errno == EMFILE or errno == ENFILE) and L.reserve_fd >= 0:
-                # Out of descriptors: free the reserve to take the connection off the backlog
+            if code == EAGAIN:
+                return
+            if (code == EMFILE or code == ENFILE) and L.reserve_fd >= 0:
+                # Out of descriptors: give up the reserve to take the connection off the backlog
                 # and close it, else the listening socket would stay readable forever.
-                line.assign(b"refused a connection: ")
-                line.append(strerror(errno))
                 close(L.reserve_fd)
-                fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC)
+                size = sizeof(addr)
+                fd = accept4(listen_fd, <sockaddr *>&addr, &size, SOCK_CLOEXEC)
                 if fd >= 0:
                     close(fd)
                 L.reserve_fd = c_open(b"/dev/null", O_RDONLY | FCNTL_O_CLOEXEC)
-                log_line(b'E', line)
+                if fd < 0:
+                    return  # nothing was waiting after all
+                format_peer(&addr, &peer)
+                log_refused(peer, strerror(code))
                 continue
-            if errno != EAGAIN:
-                line.assign(b"accept: ")
-                line.append(strerror(errno))
-                log_line(b'E', line)
+            if code == EMFILE or code == ENFILE:
+                set_accepting(L, False)
+                return
+            line.assign(b"accept: ")
+            line.append(strerror(code))
+            log_line(b'E', line)
             return
-        # Replies are small and latency-bound; Nagle would hold them back.
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        format_peer(&addr, &peer)
+        ev.events = EPOLLIN
+        ev.data.fd = fd
+        # TCP_NODELAY: replies are small and latency-bound; Nagle would hold them back.
+        if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0
+                or epoll_ctl(L.epfd, EPOLL_CTL_ADD, fd, &ev) != 0):
+            log_refused(peer, strerror(errno))
+            close(fd)
+            continue
         c = new Conn()
         c.fd = fd
+        c.peer = peer
         c.validated = False
         c.closing = False
         c.paused = False
@@ -970,18 +1012,6 @@ cdef void on_acceptable(Loop *L, int listen_fd) noexcept nogil:
         c.partial_since = 0
         c.out_sent = 0
         c.events = EPOLLIN
-        format_peer(&addr, &c.peer)
-        ev.events = EPOLLIN
-        ev.data.fd = fd
-        if epoll_ctl(L.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
-            line.assign(b"refused a connection from ")
-            line.append(c.peer)
-            line.append(b": epoll_ctl: ")
-            line.append(strerror(errno))
-            log_line(b'E', line)
-            close(fd)
-            del c
-            continue
         if L.by_fd.size() <= <size_t>fd:
             L.by_fd.resize(fd + 1, NULL)
         L.by_fd[fd] = c
@@ -1015,6 +1045,10 @@ cdef void finish_pass(Loop *L) noexcept nogil:
     for c in L.dead:
         close(c.fd)
         del c
+    if not L.dead.empty() and not L.accepting:
+        L.reserve_fd = c_open(b"/dev/null", O_RDONLY | FCNTL_O_CLOEXEC)
+        if L.reserve_fd >= 0:
+            set_accepting(L, True)
     L.dead.clear()
 
 
