@@ -1,4 +1,3 @@
-# cython: boundscheck=False, wraparound=False
 """Native process supervision: spawn the workers, watch them, route their output.
 
 One epoll loop, entered with the GIL released, wakes on whatever happens:
@@ -997,6 +996,10 @@ cdef class Supervisor:
     def stderr_tail(self, int index):
         cdef _Worker worker = self.workers[index]
         return worker.stderr.tail_lines() if worker.stderr is not None else []
+
+    def count(self) -> int:
+        """How many workers were started."""
+        return len(self.workers)
 
     def pid(self, int index):
         return (<_Worker>self.workers[index]).pid

@@ -133,8 +133,8 @@ class WorkerGroup:
         if self._native is not None:
             raise RuntimeError("the group was already started")
         self._native = Supervisor(self.signal_watch.fileno() if self.signal_watch is not None else -1)
-        self._native.start_guardian()
         try:
+            self._native.start_guardian()
             for worker in self.workers:
                 self._native.spawn(
                     _programs(worker.argv[0], worker.env),
@@ -201,7 +201,7 @@ class WorkerGroup:
             signals = native.stop(int(first_signal), self.shutdown_timeout)
         finally:
             native.close()
-        for index in range(len(self.workers)):
+        for index in range(native.count()):
             self._record_exit(index)
         return signals
 
@@ -223,7 +223,7 @@ class WorkerGroup:
     def pids(self) -> dict[int, int]:
         """The workers' pids by local rank."""
         native = self._started()
-        return {worker.local_rank: native.pid(index) for index, worker in enumerate(self.workers)}
+        return {self.workers[index].local_rank: native.pid(index) for index in range(native.count())}
 
     def _started(self) -> Supervisor:
         if self._native is None:
