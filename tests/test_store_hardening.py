@@ -292,3 +292,54 @@ def test_server_survives_arbitrary_input(server, chunks):
         pass  # waiting forever on a key, or closed: both fine for it
     conn.close()
     assert served(server.port)
+
+
+SERVE_WITH_FEW_DESCRIPTORS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+from launcher.store import StoreServer
+server = StoreServer("127.0.0.1")
+print(server.port, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_out_of_descriptors_refuses_connections_and_recovers():
+    import subprocess
+    import sys
+
+    host = subprocess.Popen(
+        [sys.executable, "-c", SERVE_WITH_FEW_DESCRIPTORS],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    port = int(host.stdout.readline())
+    conns, served_count, refused = [], 0, 0
+    try:
+        for _ in range(60):
+            conn = connect(port)
+            conn.sendall(VALIDATE + ping_frame(1))
+            try:
+                if conn.recv(4) == struct.pack("<I", 1):
+                    served_count += 1
+                    conns.append(conn)
+                    continue
+            except ConnectionResetError:
+                pass
+            refused += 1
+            conn.close()
+        assert served_count > 10 and refused > 0
+        for conn in conns[1:]:
+            conn.close()
+        # Once a request sent after those closes is answered, the server has seen them and
+        # given their descriptors back: a new connection is served again.
+        assert served(conns[0])
+        assert served(port)
+    finally:
+        host.stdin.close()
+        host.wait(30)
+    stderr = host.stderr.read()
+    refusals = [line for line in stderr.splitlines() if "launcher]" in line]
+    assert len(refusals) == refused
+    assert all(re.search(r"store: refused a connection from 127\.0\.0\.1:\d+: Too many open files$", line)
+               for line in refusals)

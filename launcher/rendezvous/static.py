@@ -1,0 +1,238 @@
+"""The static backend: a fixed number of nodes with fixed ranks (``--node-rank``).
+
+Node rank 0 hosts a TCP store at ``--master-addr:--master-port``; it is also
+the workers' store (MASTER_PORT == --master-port, as users expect). Each round
+is a barrier in that store: every node records its address and local world
+size, and once all have arrived node 0 clears every key outside the agents'
+``/launcher/`` prefix, so the workers of the new attempt find an empty store
+(none of them can have started: their agents are all waiting for the barrier).
+
+A node that arrives for the next round while the others still run counts in
+their ``num_nodes_waiting()``, so its agent's restart restarts everyone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any, Callable
+
+from launcher.rendezvous import (
+    AGENT_KEY_PREFIX,
+    NodeInfo,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousTimeoutError,
+    parse_endpoint,
+)
+from launcher.rendezvous.c10d import StoreBackend
+from launcher.rendezvous.dynamic import STATUS_INTERVAL, ArrivalWatcher, Signal
+from launcher.store import DistError, DistNetworkError, PrefixStore, StoreInterrupted, TCPStore
+
+log = logging.getLogger("launcher.rendezvous")
+
+_LATEST = "latest"  # the latest round whose barrier passed
+
+
+class StaticRendezvousHandler(RendezvousHandler):
+    backend = "static"
+
+    @classmethod
+    def create(cls, params: RendezvousParameters, config: dict[str, Any]) -> "StaticRendezvousHandler":
+        if params.min_nodes != params.max_nodes:
+            raise ValueError(
+                f"the static rendezvous needs a fixed number of nodes, got --nnodes={params.min_nodes}:"
+                f"{params.max_nodes}; use --nnodes=N or an elastic backend (c10d, etcd)"
+            )
+        nnodes = params.max_nodes
+        try:
+            rank = int(str(params.config.get("rank", "")).strip())
+        except ValueError:
+            raise ValueError(f"static rendezvous: --node-rank must be a number from 0 to {nnodes - 1}") from None
+        if not 0 <= rank < nnodes:
+            raise ValueError(f"static rendezvous: --node-rank={rank} is not in 0..{nnodes - 1} (--nnodes={nnodes})")
+        host, port = parse_endpoint(params.endpoint, None, what="--master-addr:--master-port")
+        if port == 0 and nnodes > 1:
+            raise ValueError("--master-port=0 only works with a single node: the others could not know the port")
+        return cls(params, host, port, rank, nnodes, config["timeout"])
+
+    def __init__(self, params: RendezvousParameters, host: str, port: int, rank: int, nnodes: int, timeout: float):
+        self.run_id = params.run_id
+        self._host = host
+        self._port = port
+        self._rank = rank
+        self._nnodes = nnodes
+        self._timeout = timeout
+        self._interrupt_fd = params.interrupt_fd
+        addr = params.local_addr or socket.getfqdn()
+        self._record = {
+            "id": f"{addr}_{os.getpid()}_{os.urandom(4).hex()}",
+            "addr": addr,
+            "local_world_size": params.local_world_size,
+            "role": params.role,
+            "rank": rank,
+        }
+        self._prefix = f"{AGENT_KEY_PREFIX}/static/{params.run_id}/"
+        self._hosted: TCPStore | None = None  # node 0's server
+        self._store: TCPStore | None = None  # this node's client (interrupted by the agent's signal)
+        self._kv: StoreBackend | None = None
+        self._round: int | None = None
+        self._watcher: ArrivalWatcher | None = None
+        self._waiting = Signal()
+        self._closed = False
+
+    @property
+    def _where(self) -> str:
+        return f"store {self._host}:{self._port}"
+
+    # -- the agent's API --------------------------------------------------
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        self._stop_watcher()
+        started = time.monotonic()
+        deadline = started + self._timeout
+        if self._kv is None:
+            self._connect_first(started, deadline)
+        kv = self._kv
+        latest = kv.get(_LATEST)
+        round = max(0 if self._round is None else self._round + 1, 0 if latest is None else int(latest) + 1)
+        record = json.dumps(self._record, separators=(",", ":")).encode()
+        held = kv.compare_set(f"rank/{round}/{self._rank}", None, record)
+        if held != record:
+            other = json.loads(held)
+            raise RendezvousError(
+                f"static rendezvous '{self.run_id}' ({self._where}): node rank {self._rank} is already taken by "
+                f"{other['addr']} (pid {other['id'].split('_')[-2]}); give every node its own --node-rank"
+            )
+        kv.join(round, self._record["id"], record)
+        if self._rank == 0:
+            self._wait(round, started, deadline, lambda t: kv.wait_joined(round, self._nnodes - 1, t) >= self._nnodes)
+            # Everyone is here, so no worker of the new attempt runs yet: drop the old attempt's keys.
+            self._hosted.server.clear(keep_prefix=f"/{AGENT_KEY_PREFIX}/".encode())
+            kv.set(f"ready/{round}", b"")
+            kv.set(_LATEST, str(round).encode())
+        else:
+            self._wait(round, started, deadline, lambda t: kv.wait(f"ready/{round}", t) is not None)
+        nodes = sorted(self._arrived(round), key=lambda r: r["rank"])
+        self._round = round
+        self._watcher = ArrivalWatcher(self._connect, round + 1, self._waiting, STATUS_INTERVAL * 12)
+        self._watcher.start()
+        log.info(
+            "static rendezvous '%s' round %d complete: node rank %d of %d after %.1f s",
+            self.run_id, round, self._rank, self._nnodes, time.monotonic() - started,
+        )
+        return RendezvousInfo(
+            round=round,
+            rank=self._rank,
+            nodes=[NodeInfo(n["addr"], n["local_world_size"], n["role"]) for n in nodes],
+            master_addr=self._host,
+            master_port=self._port,
+            store=PrefixStore(f"{AGENT_KEY_PREFIX}/agent/{round}", self._store),
+        )
+
+    def num_nodes_waiting(self) -> int:
+        self._waiting.clear()
+        if self._round is None:
+            return 0
+        return len(self._arrived(self._round + 1))
+
+    def waiting_fd(self) -> int:
+        return self._waiting.fd
+
+    def leave(self) -> None:
+        self._close()
+
+    def shutdown(self) -> None:
+        self._close()
+
+    # -- internals ----------------------------------------------------------
+
+    def _connect(self, interrupt_fd: int, timeout: float | None = None) -> StoreBackend:
+        store = TCPStore(self._host, self._port, timeout=timeout or self._timeout, interrupt_fd=interrupt_fd)
+        return StoreBackend(store, self._prefix, self._where, 0.0)
+
+    def _connect_first(self, started: float, deadline: float) -> None:
+        if self._rank == 0:
+            try:
+                self._hosted = TCPStore(
+                    self._host, self._port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                    timeout=self._timeout,
+                )
+            except StoreInterrupted:
+                raise
+            except DistError as exc:
+                raise RendezvousConnectionError(
+                    f"static rendezvous '{self.run_id}': node rank 0 cannot host the store at "
+                    f"{self._host}:{self._port} ({exc})"
+                ) from None
+            self._port = self._hosted.port  # the real one when --master-port=0 (one node)
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self._store = TCPStore(
+                    self._host, self._port, timeout=max(0.1, min(left, STATUS_INTERVAL)), interrupt_fd=self._interrupt_fd
+                )
+                break
+            except StoreInterrupted:
+                raise
+            except DistNetworkError as exc:
+                waited = time.monotonic() - started
+                if time.monotonic() >= deadline:
+                    raise RendezvousConnectionError(
+                        f"static rendezvous '{self.run_id}': cannot reach node rank 0's store at "
+                        f"{self._host}:{self._port} ({exc}); waited {waited:.0f} s (timeout)"
+                    ) from None
+                log.info(
+                    "static rendezvous '%s': waiting for node rank 0 to host the store at %s:%d; timeout in %.0f s",
+                    self.run_id, self._host, self._port, deadline - time.monotonic(),
+                )
+        self._store.set_timeout(self._timeout)
+        self._kv = StoreBackend(self._store, self._prefix, self._where, 0.0)
+
+    def _arrived(self, round: int) -> list[dict]:
+        return [json.loads(r) for r in self._kv.joined(round)]
+
+    def _wait(self, round: int, started: float, deadline: float, done: Callable[[float], bool]) -> None:
+        """Wait until ``done(timeout)`` says the barrier passed, with a status line every few seconds."""
+        while True:
+            left = deadline - time.monotonic()
+            if left > 0 and done(min(left, STATUS_INTERVAL)):
+                return
+            status = self._describe(round)
+            if time.monotonic() >= deadline:
+                raise RendezvousTimeoutError(
+                    f"static rendezvous '{self.run_id}' ({self._where}) timed out after "
+                    f"{time.monotonic() - started:.0f} s in round {round}: {status}"
+                )
+            log.info(
+                "static rendezvous '%s' round %d (%s): %s; timeout in %.0f s",
+                self.run_id, round, self._where, status, deadline - time.monotonic(),
+            )
+
+    def _describe(self, round: int) -> str:
+        arrived = sorted(self._arrived(round), key=lambda r: r["rank"])
+        ranks = {r["rank"] for r in arrived}
+        missing = [str(r) for r in range(self._nnodes) if r not in ranks]
+        present = ", ".join(f"rank {r['rank']} {r['addr']}" for r in arrived) or "none"
+        return f"{len(arrived)} of {self._nnodes} nodes arrived ({present}); missing node rank(s) {', '.join(missing)}"
+
+    def _stop_watcher(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_watcher()
+        for store in (self._store, self._hosted):
+            if store is not None:
+                store.close()
+        self._waiting.close()
