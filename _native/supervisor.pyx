@@ -551,7 +551,7 @@ cdef class Supervisor:
     def spawn(self, list programs, list argv, list envp, cwd, cpus, mem_nodes, tuple stdout, tuple stderr):
         """Start one worker; returns its index.
 
-        ``stdout``/``stderr``: ``("inherit",)``, ``("null",)``, ``("file", path)``
+        ``stdout``/``stderr``: ``("null",)``, ``("file", path)``
         or ``("pipe", file path or None, console, prefix, filtered path or
         None, filters, keep_tail)``.
         """
@@ -656,13 +656,11 @@ cdef class Supervisor:
             if cpu_set != NULL:
                 CPU_FREE(cpu_set)
 
-    cdef int _stream(self, _Worker worker, int index, int which, tuple spec, list parent_ends) except? -2:
-        """Prepare one output stream; returns the fd the child gets (-1: the launcher's own)."""
+    cdef int _stream(self, _Worker worker, int index, int which, tuple spec, list parent_ends) except -1:
+        """Prepare one output stream; returns the fd the child gets."""
         cdef int fds[2]
         cdef int fd
         mode = spec[0]
-        if mode == "inherit":
-            return -1
         if mode == "null":
             return check(c_open(b"/dev/null", O_RDWR | O_CLOEXEC), "/dev/null")
         if mode == "file":

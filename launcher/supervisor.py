@@ -14,13 +14,12 @@ Guarantees (see ``_native/supervisor.pyx`` and ``supervisor_spawn.h``):
   leader is reaped only then), so a signal to a group never reaches a stranger.
 
 Where output goes (torchrun's rules, from ``launcher.logs``): a stdout that is
-only shown on the console or only redirected is the launcher's stdout or the
-file itself, as with torchrun (the worker keeps its terminal). A teed stdout
-and every stderr go through the loop, which writes whole lines, prefixed on
-the console when teed, copies teed lines matching a duplicate filter to the
-attempt's filtered file, and keeps the last 20 stderr lines for the failure
-report. A worker that pauses mid-line on an unprefixed console (a progress
-bar) has that part shown at once.
+only redirected is the file itself. Everything shown on the console, and
+every stderr, goes through the loop, which writes whole lines (never split or
+interleaved with another rank's), prefixed on the console when teed, copies
+teed lines matching a duplicate filter to the attempt's filtered file, and
+keeps the last 20 stderr lines for the failure report. A worker that pauses
+mid-line on an unprefixed console (a progress bar) has that part shown at once.
 """
 from __future__ import annotations
 
@@ -143,7 +142,7 @@ class WorkerGroup:
                     os.fsencode(worker.cwd) if worker.cwd is not None else None,
                     sorted(worker.cpus) if worker.cpus else None,
                     sorted(worker.mem_nodes) if worker.mem_nodes else None,
-                    self._stream_spec(worker.logs.stdout, "stdout", piped=worker.logs.stdout.teed),
+                    self._stream_spec(worker.logs.stdout, "stdout", piped=worker.logs.stdout.console or worker.logs.stdout.teed),
                     self._stream_spec(worker.logs.stderr, "stderr", piped=True),
                 )
         except BaseException:
@@ -152,9 +151,7 @@ class WorkerGroup:
 
     def _stream_spec(self, logs: StreamLogs, name: str, piped: bool) -> tuple:
         if not piped:
-            if logs.file is not None:
-                return ("file", logs.file)
-            return ("inherit",) if logs.console else ("null",)
+            return ("file", logs.file) if logs.file is not None else ("null",)
         filtered = logs.teed and logs.console and bool(self.filters[name])
         return (
             "pipe",

@@ -100,3 +100,15 @@ def test_no_worker_outlives_the_launch(tmp_path):
     for rank in range(2):
         pid = json.load(open(tmp_path / f"{rank}.json"))["pid"]
         assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} still exists"
+
+
+def test_console_lines_of_different_ranks_never_interleave():
+    lines = 3000
+    result = run_launcher("--standalone", "--nproc-per-node=4", f"{WORKERS}/chatter.py", lines)
+    assert result.returncode == 0, result.stderr
+    seen = {rank: [] for rank in range(4)}
+    for line in result.stdout.splitlines():
+        name, body, index = line.split(" ")
+        assert name.startswith("rank") and body == "x" * 100, line
+        seen[int(name[4:])].append(int(index))
+    assert seen == {rank: list(range(lines)) for rank in range(4)}
