@@ -89,6 +89,11 @@ cdef enum:
     LINE_MAX = 1 << 20  # a longer line is cut here rather than held in memory
     MAX_EVENTS = 64
 
+# An unprefixed line still without its newline after this long is shown as it
+# is (a progress bar); the pieces of one print() arrive far sooner, so lines
+# from different ranks stay whole.
+cdef double PARTIAL_SHOW_DELAY = 0.05
+
 # What an epoll event came from: the high 32 bits of its data.
 cdef enum Source:
     SOURCE_PIPE = 1
@@ -371,6 +376,7 @@ cdef class _Stream:
     cdef deque[string] tail
     cdef string partial  # the line being received
     cdef size_t partial_shown  # bytes of partial already on an unprefixed console
+    cdef double partial_since  # monotonic time the unshown part of partial began waiting; 0: none
 
     def __cinit__(self):
         self.fd = -1
@@ -398,6 +404,7 @@ cdef class _Stream:
                 self.line(self.partial.data(), self.partial.size(), True)
                 self.partial.clear()
                 self.partial_shown = 0
+                self.partial_since = 0
             else:
                 self.line(data + start, end - start, True)
             start = end
@@ -433,13 +440,20 @@ cdef class _Stream:
             self.line(self.partial.data(), self.partial.size(), False)
             self.partial.clear()
             self.partial_shown = 0
+            self.partial_since = 0
         return 0
 
-    cdef int show_partial(self) except -1:
-        """Put an unprefixed partial line on the console now: the worker paused mid-line (a progress bar)."""
+    cdef void await_newline(self, double at) noexcept:
+        """The worker stopped mid-line: start the clock for showing the unshown part."""
         if self.console is not None and not self.prefix.size() and self.partial.size() > self.partial_shown:
-            self.console.add(self.partial.data() + self.partial_shown, self.partial.size() - self.partial_shown)
-            self.partial_shown = self.partial.size()
+            if self.partial_since == 0:
+                self.partial_since = at
+
+    cdef int show_partial(self) except -1:
+        """Put the unshown part of an unprefixed partial line on the console."""
+        self.console.add(self.partial.data() + self.partial_shown, self.partial.size() - self.partial_shown)
+        self.partial_shown = self.partial.size()
+        self.partial_since = 0
         return 0
 
     cdef list tail_lines(self):
@@ -714,8 +728,9 @@ cdef class Supervisor:
         """Handle events until ``until`` holds or the monotonic ``deadline`` (< 0: none) passes."""
         cdef epoll_event events[MAX_EVENTS]
         cdef int n, i, timeout_ms
-        cdef double left
+        cdef double left, partial_due
         while True:
+            partial_due = self._show_due_partials()
             self._flush_outputs()
             if self._holds(until):
                 return 1
@@ -725,6 +740,9 @@ cdef class Supervisor:
                 if left <= 0:
                     return 0
                 timeout_ms = <int>(left * 1000) + 1
+            if partial_due >= 0:
+                left = max(0.0, partial_due - now(CLOCK_MONOTONIC))
+                timeout_ms = <int>(left * 1000) + 1 if timeout_ms < 0 else min(timeout_ms, <int>(left * 1000) + 1)
             with nogil:
                 n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
             if n < 0:
@@ -733,6 +751,20 @@ cdef class Supervisor:
                 raise _os_error(errno, what="epoll_wait")
             for i in range(n):
                 self._dispatch(<int>(events[i].data.u64 >> 32), <uint32_t>events[i].data.u64)
+
+    cdef double _show_due_partials(self) except? -2:
+        """Show partial lines that waited PARTIAL_SHOW_DELAY for their newline; the next due time, -1: none."""
+        cdef double t = now(CLOCK_MONOTONIC), due, next_due = -1
+        cdef _Stream stream
+        for s in self.streams:
+            stream = <_Stream>s
+            if stream.partial_since > 0:
+                due = stream.partial_since + PARTIAL_SHOW_DELAY
+                if due <= t:
+                    stream.show_partial()
+                elif next_due < 0 or due < next_due:
+                    next_due = due
+        return next_due
 
     cdef bint _holds(self, int until):
         if until == UNTIL_EVENT:
@@ -772,7 +804,7 @@ cdef class Supervisor:
             if n < 0 and errno == EINTR:
                 continue
             if n < 0 and errno == EAGAIN:
-                stream.show_partial()
+                stream.await_newline(now(CLOCK_MONOTONIC))
                 break
             if n < 0:
                 raise _os_error(errno, what="read worker output")

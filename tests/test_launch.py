@@ -112,3 +112,24 @@ def test_console_lines_of_different_ranks_never_interleave():
         assert name.startswith("rank") and body == "x" * 100, line
         seen[int(name[4:])].append(int(index))
     assert seen == {rank: list(range(lines)) for rank in range(4)}
+
+
+def test_a_line_paused_midway_is_shown_before_its_newline(tmp_path):
+    go = tmp_path / "go"
+    launch = subprocess.Popen(
+        LAUNCHER + ["--standalone", "--nproc-per-node=1", f"{WORKERS}/progress.py", str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), cwd=REPO,
+    )
+    try:
+        shown = b""
+        while b"progress 50%" not in shown:  # arrives while the worker waits for us, without its newline
+            chunk = os.read(launch.stdout.fileno(), 4096)
+            assert chunk, "the launcher closed its stdout before showing the partial line"
+            shown += chunk
+        assert b"done" not in shown
+        go.touch()
+        rest, _ = launch.communicate(timeout=60)
+    finally:
+        launch.kill()
+    assert (shown + rest).decode() == "progress 50% done\n"
+    assert launch.returncode == 0
