@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from launcher.store import StoreServer, TCPStore, get_free_port
+from launcher.store import StoreServer, TCPStore, create_store, get_free_port
 from test_store import every_command, torch_client
 
 torch_dist = pytest.importorskip("torch.distributed", reason="torch (requirements-dev) is the reference peer")
@@ -156,3 +156,18 @@ def test_server_keeps_serving_while_python_holds_the_gil(tmp_path):
         assert flag[0] == 2
         assert client.wait(60) == 0
         assert store.get("count") == b"200"
+
+
+def test_torch_create_c10d_store_worker_joins_our_create_store_server():
+    port = get_free_port()
+    code = (
+        "from torch.distributed.elastic.utils.distributed import create_c10d_store;"
+        f"create_c10d_store(False, '127.0.0.1', {port}, 2, timeout=60).set('from_torch', 'yes')"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], env=torch_env())
+    # Our server waits for both members (init/ and torch's full-rank barrier keys), torch's worker too.
+    store = create_store(True, "127.0.0.1", port, world_size=2, timeout=60)
+    assert worker.wait(60) == 0
+    assert store.get("from_torch") == b"yes"
+    assert store.get("_tcp_store/num_members/num_members") == b"2"
+    store.close()
