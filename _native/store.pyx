@@ -44,12 +44,12 @@ from posix.unistd cimport close, getpid, read, write
 from linux cimport (AF_INET, AF_INET6, AF_UNSPEC, AI_PASSIVE, EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC,
                     EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                     INET6_ADDRSTRLEN, IPPROTO_IPV6, IPPROTO_TCP, IPV6_V6ONLY, MSG_DONTWAIT, MSG_NOSIGNAL,
-                    POLLIN, POLLNVAL, POLLOUT, PR_SET_NAME, SO_ERROR, SO_REUSEADDR,
+                    POLLIN, POLLNVAL, POLLOUT, SO_ERROR, SO_REUSEADDR,
                     SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, SOMAXCONN, TCP_NODELAY, accept4,
                     addrinfo, bind, connect, epoll_create1, epoll_ctl, epoll_event, epoll_wait, eventfd,
                     freeaddrinfo, gai_strerror, getaddrinfo, getsockname, getsockopt, htole32, htole64,
-                    htons, inet_ntop, le32toh, le64toh, listen, ntohs, poll, pollfd, prctl, pthread_create,
-                    pthread_join, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                    htons, inet_ntop, le32toh, le64toh, listen, ntohs, poll, pollfd, pthread_create,
+                    pthread_join, pthread_setname_np, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                     pthread_mutex_t, pthread_mutex_unlock, pthread_sigmask, pthread_t, recv, send,
                     setsockopt, sigset_t, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socket,
                     socklen_t)
@@ -1067,7 +1067,6 @@ cdef void *run_loop(void *arg) noexcept nogil:
     cdef uint64_t drained
     cdef Conn *c
     cdef string line
-    prctl(PR_SET_NAME, <unsigned long><const char *>b"launcher-store", 0, 0, 0)
     while True:
         n = epoll_wait(L.epfd, events, MAX_EVENTS, SWEEP_INTERVAL_MS if L.partial_conns else -1)
         if n < 0:
@@ -1270,7 +1269,7 @@ cdef class Server:
     def __init__(self, str host, int port=0, max_value_size=1 << 30, *, double request_timeout=60.0):
         cdef Loop *L = self.loop
         cdef string error
-        cdef int code = 0, bound = -1, attempt
+        cdef int code = 0, bound = -1
         cdef epoll_event ev
         cdef sigset_t all_signals, previous
         cdef bytes host_bytes = host.encode()
@@ -1289,7 +1288,7 @@ cdef class Server:
         raise_open_file_limit()
         # With port 0 the kernel picks a port free on the first address only; another address
         # may have it taken. Rare: pick again.
-        for attempt in range(8):
+        for _ in range(8):
             with nogil:
                 bound = bind_listeners(L, host_c, port, &error, &code)
             if bound >= 0 or port != 0 or code != EADDRINUSE:
@@ -1326,6 +1325,10 @@ cdef class Server:
             if code != 0:
                 raise OSError(code, f"pthread_create: {strerror(code).decode()}")
             L.running = True
+            # Named here rather than by the thread itself, so the name is there once this returns.
+            code = pthread_setname_np(L.thread, b"launcher-store")
+            if code != 0:
+                raise OSError(code, f"pthread_setname_np: {strerror(code).decode()}")
         except BaseException:
             self.close()
             raise

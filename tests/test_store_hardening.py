@@ -160,7 +160,7 @@ def trickle(conn, data, pause):
 
 
 def test_a_trickling_client_delays_no_one_and_is_closed_past_the_request_timeout(capfd):
-    server = StoreServer("127.0.0.1", request_timeout=1.5)
+    server = StoreServer("127.0.0.1", request_timeout=3.0)
     try:
         store = TCPStore("127.0.0.1", server.port, timeout=30)
         slow_but_in_time = connect(server.port)
@@ -170,7 +170,7 @@ def test_a_trickling_client_delays_no_one_and_is_closed_past_the_request_timeout
         too_slow = connect(server.port)
         too_slow.sendall(VALIDATE)
         outcome = []
-        sender = threading.Thread(target=lambda: outcome.append(trickle(too_slow, request * 100, 0.2)))
+        sender = threading.Thread(target=lambda: outcome.append(trickle(too_slow, request * 100, 0.3)))
         started = time.monotonic()
         sender.start()
         # Everyone else is served while it trickles.
@@ -178,7 +178,7 @@ def test_a_trickling_client_delays_no_one_and_is_closed_past_the_request_timeout
             store.set(f"meanwhile{i}", "v")
             assert store.get(f"meanwhile{i}") == b"v"
         assert read_until_closed(too_slow) == b""
-        assert time.monotonic() - started >= 1.5
+        assert time.monotonic() - started >= 3.0
         sender.join(30)
         assert outcome == [False]
         assert store.get("slow") == b"v" and served(slow_but_in_time)
@@ -209,6 +209,7 @@ def test_a_client_that_does_not_read_cannot_grow_the_server(server):
     value = os.urandom(1 << 20)
     store = TCPStore("127.0.0.1", server.port, timeout=30)
     store.set("big", value)
+    assert store.get("big") == value  # a round trip: the SET is done before anyone reads it
     hoarder = connect(server.port)
     hoarder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     requests = 64
@@ -258,7 +259,7 @@ def frames(draw):
     return data, command, strings, number
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames(), st.binary(max_size=20))
 def test_parser_takes_exactly_one_valid_frame(frame, tail):
     data, command, strings, number = frame
@@ -267,7 +268,7 @@ def test_parser_takes_exactly_one_valid_frame(frame, tail):
         assert parse_frame(data[:cut]) is None
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=2500, deadline=None)
 @given(st.binary(max_size=64), st.booleans(), st.integers(1, 64))
 def test_parser_never_oversteps_on_arbitrary_bytes(data, validated, max_value):
     try:
@@ -280,7 +281,7 @@ def test_parser_never_oversteps_on_arbitrary_bytes(data, validated, max_value):
         assert all(len(value) <= max_value for value in parsed[2])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.binary(max_size=40), frames().map(lambda frame: frame[0])), max_size=6))
 def test_server_survives_arbitrary_input(server, chunks):
     conn = connect(server.port)
