@@ -42,6 +42,7 @@ cdef extern from "<signal.h>" nogil:
         SIGINT
         SIGKILL
         SIGSTOP
+        SIGTERM
         NSIG
 
 cdef extern from "<limits.h>" nogil:
@@ -499,6 +500,8 @@ cdef class Supervisor:
     cdef list ready_fds
     cdef bint draining
     cdef bint sigint_cuts_short  # while waiting for the workers to take the first signal
+    cdef bint term_on_failure  # a failed exit sends SIGTERM to every group before Python even wakes
+    cdef double terminated_at  # monotonic time that SIGTERM went out; 0: not yet
     cdef readonly bint finished
 
     def __cinit__(self):
@@ -507,7 +510,7 @@ cdef class Supervisor:
         self.guardian_fd = -1
         self.signal_fd = -1
 
-    def __init__(self, int signal_fd=-1):
+    def __init__(self, int signal_fd=-1, bint term_on_failure=False):
         cdef sigset_t children
         if threading.current_thread() is not threading.main_thread():
             # a worker's parent-death signal fires when the thread that forked it ends
@@ -521,6 +524,7 @@ cdef class Supervisor:
         self.own_sid = getsid(0)
         self.epfd = check(epoll_create1(EPOLL_CLOEXEC), "epoll_create1")
         self.signal_fd = signal_fd
+        self.term_on_failure = term_on_failure
         if signal_fd >= 0:
             epoll_set(self.epfd, EPOLL_CTL_ADD, signal_fd, EPOLLIN, tagged(SOURCE_SIGNALS, 0))
         sigemptyset(&children)
@@ -846,6 +850,9 @@ cdef class Supervisor:
         for stream in worker.streams:
             self._drain(stream, 1 << 30)
         self.exits.append(self.workers.index(worker))
+        if self.term_on_failure and self.terminated_at == 0 and not (info.si_code == CLD_EXITED and info.si_status == 0):
+            self.signal_groups(SIGTERM)
+            self.terminated_at = now(CLOCK_MONOTONIC)
         return 0
 
     cdef int _read_signals(self) except -1:
@@ -923,8 +930,12 @@ cdef class Supervisor:
         groups to be gone, reap, drain the output. Returns the signals read meanwhile."""
         if self.finished:
             return []
-        cdef double deadline = now(CLOCK_MONOTONIC) + timeout
-        self.signal_groups(first_signal)
+        cdef double deadline
+        if first_signal == SIGTERM and self.terminated_at > 0:  # the loop sent it at the failure already
+            deadline = self.terminated_at + timeout
+        else:
+            deadline = now(CLOCK_MONOTONIC) + timeout
+            self.signal_groups(first_signal)
         self.sigint_cuts_short = True
         self._pump(deadline, UNTIL_EXITED)
         self.sigint_cuts_short = False

@@ -115,6 +115,7 @@ class Agent:
                 signal_watch=self.signals,
                 duplicate_stdout_filters=self.config.duplicate_stdout_filters or (),
                 duplicate_stderr_filters=self.config.duplicate_stderr_filters or (),
+                term_on_failure=True,  # every failure ends the group: start at once
             )
             self._event("workers_started", round=info.round, group_rank=ranks.group_rank, world_size=ranks.world_size)
             group.start()

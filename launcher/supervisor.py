@@ -98,6 +98,8 @@ class WorkerGroup:
     exited, ``wait`` ends the group by itself (their leftover processes are
     killed, output flushed, zombies reaped); ``stop`` then only returns the
     exits. Start it from the main thread, which must outlive the workers.
+    With ``term_on_failure`` the loop sends SIGTERM to every worker's group the
+    moment one fails, before the agent wakes; ``stop`` then only waits.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class WorkerGroup:
         signal_watch: SignalWatch | None = None,
         duplicate_stdout_filters: Iterable[str] = (),
         duplicate_stderr_filters: Iterable[str] = (),
+        term_on_failure: bool = False,
     ):
         if shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be non-negative, got {shutdown_timeout}")
@@ -123,6 +126,7 @@ class WorkerGroup:
             "stdout": [f.encode() for f in duplicate_stdout_filters if f],
             "stderr": [f.encode() for f in duplicate_stderr_filters if f],
         }
+        self.term_on_failure = term_on_failure
         self.exits: dict[int, WorkerExit] = {}
         self._native: Supervisor | None = None
         self._pending_signals: list[int] = []
@@ -131,7 +135,9 @@ class WorkerGroup:
         """Spawn every worker. OSError naming the program if one cannot be started (the others are stopped)."""
         if self._native is not None:
             raise RuntimeError("the group was already started")
-        self._native = Supervisor(self.signal_watch.fileno() if self.signal_watch is not None else -1)
+        self._native = Supervisor(
+            self.signal_watch.fileno() if self.signal_watch is not None else -1, self.term_on_failure
+        )
         try:
             self._native.start_guardian()
             for worker in self.workers:

@@ -233,6 +233,26 @@ def test_a_crash_on_one_rank_tears_down_the_others(harness, tmp_path):
     assert [e["status"] for e in h.exits()] == ["exitcode 0", "exitcode 3"]
 
 
+@pytest.mark.parametrize("term_on_failure", [True, False])
+def test_term_on_failure_signals_the_others_before_the_agent_stops_the_group(tmp_path, term_on_failure):
+    group, _ = in_process_group(
+        tmp_path,
+        [worker(tmp_path, "record", "SIGTERM"), worker(tmp_path, "exit", 3, tmp_path / "0.ready")],
+        term_on_failure=term_on_failure,
+    )
+    group.start()
+    event = group.wait(timeout=60)
+    assert event.kind == "exited" and [e.exitcode for e in event.exits if e.failed] == [3]
+    if term_on_failure:
+        wait_for(lambda: (tmp_path / "0.signals").exists(), what="rank 0's SIGTERM, sent by the loop")
+    else:
+        assert state(group.pids()[0]) not in (None, "Z") and not (tmp_path / "0.signals").exists()
+    exits = group.stop()
+    assert (tmp_path / "0.signals").read_text() == "SIGTERM\n"
+    assert [e.status for e in exits] == ["exitcode 0", "exitcode 3"]
+    assert my_zombies() == []
+
+
 def test_process_group_members_are_killed_at_teardown(tmp_path):
     group, _ = in_process_group(tmp_path, [worker(tmp_path, "children", 2, "stubborn")], shutdown_timeout=1.0)
     group.start()
@@ -347,7 +367,8 @@ def test_wait_returns_on_a_watched_fd_and_on_timeout(tmp_path):
     assert group.stop()[0].status == "SIGTERM"
 
 
-def in_process_group(tmp_path, argvs, shutdown_timeout=30.0, redirects=Std.NONE, tee=Std.NONE, **launch):
+def in_process_group(tmp_path, argvs, shutdown_timeout=30.0, redirects=Std.NONE, tee=Std.NONE, term_on_failure=False,
+                     **launch):
     attempt = LogsSpecs(log_dir=str(tmp_path / "logs"), redirects=redirects, tee=tee).attempt(
         "run", 0, "default", {r: r for r in range(len(argvs))}
     )
@@ -355,7 +376,7 @@ def in_process_group(tmp_path, argvs, shutdown_timeout=30.0, redirects=Std.NONE,
         WorkerLaunch(r, r, argv, dict(clean_env(), RANK=str(r)), attempt.workers[r], **launch)
         for r, argv in enumerate(argvs)
     ]
-    return WorkerGroup(workers, attempt, shutdown_timeout=shutdown_timeout), attempt
+    return WorkerGroup(workers, attempt, shutdown_timeout=shutdown_timeout, term_on_failure=term_on_failure), attempt
 
 
 # --- output ------------------------------------------------------------------------
