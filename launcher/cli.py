@@ -638,7 +638,7 @@ def setup_logging() -> None:
 
 
 def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable) -> NoReturn:
-    """Run a launch from the command line and exit: 0 done, 1 workers failed, 2 usage, 128+N signal N."""
+    """Run a launch from the command line and exit: 0 done, 1 failed (workers or rendezvous), 2 usage, 128+N signal N."""
     try:
         setup_logging()
         config, entrypoint, args = prepare(parse(sys.argv[1:]))
@@ -649,11 +649,15 @@ def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Ca
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
     from launcher.errors import ChildFailedError, SignalException
+    from launcher.rendezvous import RendezvousError
 
     try:
         launch(config, entrypoint, args)
     except ChildFailedError as error:
         print(error, file=sys.stderr)
+        sys.exit(1)
+    except RendezvousError as error:  # one line saying what, where and how long: no traceback to add
+        print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(1)
     except SignalException as error:
         sys.exit(128 + int(error.sigval))
