@@ -135,6 +135,8 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
                        void *(*start)(void *) noexcept nogil, void *arg)
     int pthread_join(pthread_t thread, void **retval)
+    pthread_t pthread_self()
+    int pthread_kill(pthread_t thread, int sig)
     int pthread_setname_np(pthread_t thread, const char *name)
     int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
     int pthread_mutex_destroy(pthread_mutex_t *mutex)

@@ -18,7 +18,8 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 from posix.fcntl cimport F_GETFL, F_SETFL, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY, fcntl
 from posix.fcntl cimport open as c_open
-from posix.signal cimport SIG_BLOCK, SIG_SETMASK, kill, killpg, sigaddset, sigemptyset, sigismember, siginfo_t
+from posix.signal cimport (SA_RESTART, SIG_BLOCK, SIG_SETMASK, kill, killpg, sigaction, sigaction_t, sigaddset,
+                          sigemptyset, sigfillset, sigismember, siginfo_t)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport pid_t, sigset_t
 from posix.unistd cimport close, getpid, getsid, read, write
@@ -28,7 +29,8 @@ from linux cimport (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CPU_ALLOC, CPU_ALLOC_SIZ
                     EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, O_CLOEXEC,
                     O_NONBLOCK, POLLOUT, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, SFD_CLOEXEC,
                     SFD_NONBLOCK, cpu_set_t, epoll_create1, epoll_ctl, epoll_event, epoll_wait,
-                    launcher_pidfd_open, pipe2, poll, pollfd, prctl, pthread_sigmask, signalfd, signalfd_siginfo)
+                    launcher_pidfd_open, pipe2, poll, pollfd, prctl, pthread_kill, pthread_self, pthread_sigmask,
+                    pthread_t, signalfd, signalfd_siginfo)
 
 import os
 import threading
@@ -156,17 +158,29 @@ cdef int write_all(int fd, const char *data, size_t size) noexcept nogil:
     return 0
 
 
+cdef pthread_t watching_thread  # the thread of the open SignalWatch
+
+
+cdef void redirect_to_watcher(int sig) noexcept nogil:
+    # A thread that does not block ``sig`` took it (one started before the watch,
+    # in a program that embeds the launcher): hand it to the watching thread,
+    # which blocks it, so it waits in the signalfd like any other.
+    pthread_kill(watching_thread, sig)
+
+
 cdef class SignalWatch:
     """Blocks ``signals`` in the calling thread and reads them from a signalfd.
 
-    Call it before any other thread starts: threads inherit the mask, and a
-    thread that does not block a signal could take it instead. SIGCHLD is
-    blocked too (not read here): a WorkerGroup reads it to reap the orphans it
-    adopts. ``close()`` restores the previous mask.
+    Threads started afterwards inherit the mask. A thread started before that
+    does not block a signal may still take it: a handler that only re-sends it
+    to the watching thread is installed meanwhile. SIGCHLD is blocked too (not
+    read here): a WorkerGroup reads it to reap the orphans it adopts.
+    ``close()`` restores the previous handlers and mask. One watch at a time.
     """
 
     cdef int fd
     cdef sigset_t previous
+    cdef sigaction_t previous_actions[NSIG]
     cdef readonly tuple signals
 
     def __cinit__(self):
@@ -193,6 +207,16 @@ cdef class SignalWatch:
             error = errno
             pthread_sigmask(SIG_SETMASK, &self.previous, NULL)
             raise _os_error(error, what="signalfd")
+        global watching_thread
+        watching_thread = pthread_self()
+        cdef sigaction_t redirect
+        memset(&redirect, 0, sizeof(redirect))
+        redirect.sa_handler = redirect_to_watcher
+        sigfillset(&redirect.sa_mask)
+        redirect.sa_flags = SA_RESTART
+        for number in numbers:
+            if sigaction(number, &redirect, &self.previous_actions[number]) < 0:
+                raise _os_error(errno, what="sigaction")
 
     def fileno(self) -> int:
         if self.fd < 0:
@@ -220,6 +244,9 @@ cdef class SignalWatch:
             return
         close(self.fd)
         self.fd = -1
+        for number in self.signals:
+            if sigaction(number, &self.previous_actions[number], NULL) < 0:
+                raise _os_error(errno, what="sigaction")
         cdef int error = pthread_sigmask(SIG_SETMASK, &self.previous, NULL)
         if error:
             raise _os_error(error, what="pthread_sigmask")

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -343,13 +344,31 @@ def test_signal_watch_reads_blocked_signals_and_restores_the_mask():
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     with SignalWatch([signal.SIGUSR1, signal.SIGUSR2]) as watch:
         assert watch.read() is None
-        os.kill(os.getpid(), signal.SIGUSR2)
+        # to this thread, which blocks it: a process-directed signal could land on another test's thread
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
         assert select.select([watch.fileno()], [], [], 10)[0] == [watch.fileno()]
         assert watch.read() == signal.SIGUSR2
         assert watch.read() is None
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
     with pytest.raises(ValueError):
         SignalWatch([signal.SIGKILL])
+
+
+def test_a_signal_taken_by_an_older_thread_reaches_the_watch():
+    # In a program that embeds the launcher, threads started before the watch do not block its signals.
+    release = threading.Event()
+    older = threading.Thread(target=release.wait)
+    older.start()
+    handler_before = signal.getsignal(signal.SIGUSR1)
+    try:
+        with SignalWatch([signal.SIGUSR1]) as watch:
+            signal.pthread_kill(older.ident, signal.SIGUSR1)  # the default action would end the process
+            assert select.select([watch.fileno()], [], [], 10)[0] == [watch.fileno()]
+            assert watch.read() == signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) == handler_before
+    finally:
+        release.set()
+        older.join()
 
 
 def test_wait_returns_on_a_watched_fd_and_on_timeout(tmp_path):
