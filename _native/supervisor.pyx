@@ -37,6 +37,7 @@ import threading
 
 cdef extern from "<string.h>" nogil:
     void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen)
+    void *memrchr(const void *s, int c, size_t n)
 
 cdef extern from "<signal.h>" nogil:
     enum:
@@ -440,6 +441,7 @@ cdef class _Stream:
 
     cdef int line(self, const char *data, size_t size, bint terminated) except -1:
         cdef size_t i, body = size - 1 if terminated else size
+        cdef const char *shown
         if self.console is not None:
             if self.prefix.size():
                 self.console.add(self.prefix.data(), self.prefix.size())
@@ -457,6 +459,13 @@ cdef class _Stream:
                         self.filtered.append(b"\n", 1)
                     break
         if self.keep_tail:
+            # a line redrawn with carriage returns (a progress bar) as the terminal last showed it
+            if body and data[body - 1] == b'\r':
+                body -= 1
+            shown = <const char *>memrchr(data, b'\r', body)
+            if shown != NULL:
+                body -= shown + 1 - data
+                data = shown + 1
             self.tail.push_back(string(data, min(body, <size_t>TAIL_LINE_MAX)))
             if self.tail.size() > TAIL_LINES:
                 self.tail.pop_front()

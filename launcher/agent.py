@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from launcher import rendezvous
 from launcher.api import LaunchConfig
-from launcher.errors import Failure, SignalException
+from launcher.errors import ERROR_FILE_ENV, Failure, SignalException
 from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousInfo
 from launcher.store import StoreInterrupted
@@ -199,7 +199,7 @@ class Agent:
                     "TORCHELASTIC_USE_AGENT_STORE": str(True),
                     "TORCHELASTIC_SIGNALS_TO_HANDLE": self.config.signals_to_handle,
                     "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
-                    "TORCHELASTIC_ERROR_FILE": worker_logs.error_file,
+                    ERROR_FILE_ENV: worker_logs.error_file,
                     "LOCAL_RANK": str(local_rank),
                 }
             )

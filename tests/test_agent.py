@@ -77,6 +77,9 @@ def test_entrypoint_names():
     assert _get_entrypoint_name(sys.executable, ["-u"]) == ""
     assert _get_entrypoint_name(sys.executable, ["-u", "test_script.py"]) == "test_script.py"
     assert _get_entrypoint_name(None, []) == ""
+    assert _get_entrypoint_name("/opt/py/bin/python3", ["-u", "-c", "import runpy", "train.py", "--x"]) == "train.py"
+    assert _get_entrypoint_name("python3", ["-u", "-m", "pkg.train"]) == "pkg.train"
+    assert _get_entrypoint_name("./run.sh", ["a"]) == "./run.sh"
 
 
 @pytest.mark.parametrize(

@@ -283,6 +283,13 @@ def test_stderr_tail_keeps_the_last_20_lines(tmp_path):
     assert event.exits[0].stderr_tail == [f"error line {i}" for i in range(10, 30)]
 
 
+def test_stderr_tail_shows_a_redrawn_line_as_the_terminal_last_did(tmp_path):
+    script = "import sys; sys.stderr.write('first\\nprogress 10%\\rprogress 50%\\rprogress 100%\\r\\n'); sys.exit(1)"
+    group, _ = in_process_group(tmp_path, [[sys.executable, "-c", script]])
+    group.start()
+    assert group.wait(timeout=60).exits[0].stderr_tail == ["first", "progress 100%"]
+
+
 def test_exec_failure_names_the_program_and_stops_the_started_workers(tmp_path):
     not_executable = tmp_path / "script.sh"
     not_executable.write_text("echo hi\n")
