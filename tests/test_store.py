@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from conftest import recv_exactly
 
 from launcher.store import (
     DistNetworkError,
@@ -45,15 +46,6 @@ def raw_connection(port):
     conn = socket.create_connection(("127.0.0.1", port), timeout=30)
     conn.sendall(b"\x00" + MAGIC)
     return conn
-
-
-def recv_exactly(conn, size):
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        assert chunk, f"connection closed after {data!r}"
-        data += chunk
-    return data
 
 
 def ping(conn, nonce=7):

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import recv_exactly
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,15 +26,6 @@ def wire(value):
 
 def ping_frame(nonce):
     return b"\x0d" + struct.pack("<I", nonce)
-
-
-def recv_exactly(conn, size):
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        assert chunk, f"connection closed after {data!r}"
-        data += chunk
-    return data
 
 
 def connect(port):
