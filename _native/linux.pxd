@@ -135,6 +135,9 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
                        void *(*start)(void *) noexcept nogil, void *arg)
     int pthread_join(pthread_t thread, void **retval)
+    pthread_t pthread_self()
+    int pthread_kill(pthread_t thread, int sig)
+    int pthread_setname_np(pthread_t thread, const char *name)
     int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
     int pthread_mutex_destroy(pthread_mutex_t *mutex)
     int pthread_mutex_lock(pthread_mutex_t *mutex)
@@ -186,8 +189,6 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
-        IPPROTO_IPV6
-        IPV6_V6ONLY
         INET6_ADDRSTRLEN
     struct in_addr:
         uint32_t s_addr
@@ -207,12 +208,6 @@ cdef extern from "<netinet/in.h>" nogil:
 cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
-
-cdef extern from "<endian.h>" nogil:
-    uint32_t htole32(uint32_t)
-    uint32_t le32toh(uint32_t)
-    uint64_t htole64(uint64_t)
-    uint64_t le64toh(uint64_t)
 
 cdef extern from "<arpa/inet.h>" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
@@ -235,3 +230,14 @@ cdef extern from "<netdb.h>" nogil:
     int getaddrinfo(const char *node, const char *service, const addrinfo *hints, addrinfo **res)
     void freeaddrinfo(addrinfo *res)
     const char *gai_strerror(int errcode)
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_IPV6
+        IPV6_V6ONLY
+
+cdef extern from "<endian.h>" nogil:
+    uint32_t htole32(uint32_t)
+    uint32_t le32toh(uint32_t)
+    uint64_t htole64(uint64_t)
+    uint64_t le64toh(uint64_t)

@@ -1,4 +1,4 @@
-# cython: boundscheck=False, wraparound=False, cdivision=True
+# cython: boundscheck=False, wraparound=False, cdivision=True, auto_pickle=False
 """The c10d TCPStore wire protocol (PyTorch 2.13): a server and a blocking client.
 
 The server is one epoll loop on a native thread. Keys, values, queues and
@@ -11,9 +11,11 @@ Limits, so that no client can take the server down or grow it without bound:
 * a key or value may hold at most ``max_value_size`` bytes and one request at
   most ``max_value_size + 64 KiB``; a longer length prefix closes the
   connection before anything is buffered;
-* a request must arrive completely within ``request_timeout`` seconds of its
-  first byte (a client trickling bytes slower than that is closed; a slow
-  client never delays anyone else, the loop does not block on it);
+* a request must arrive completely within ``request_timeout`` seconds
+  (default 60) of its first byte; a client trickling bytes slower than that is
+  closed at the next sweep, which runs once a second while any request is
+  incomplete. A slow client never delays anyone else: the loop never blocks
+  on one. Idle connections (nothing buffered) are never closed;
 * a connection stops being read while more than 4 MiB of its replies are
   unsent, so a client that does not read cannot grow the server either.
 
@@ -21,13 +23,13 @@ Every closed-for-cause connection gets one log line on stderr, written by the
 loop thread with a single write(2).
 """
 from cython.operator cimport dereference as deref, preincrement as inc
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.errno cimport (EADDRINUSE, EADDRNOTAVAIL, EAFNOSUPPORT, EAGAIN, EBADF, ECONNABORTED, EINPROGRESS, EINTR,
-                         EMFILE, ENFILE, ETIMEDOUT, errno)
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.errno cimport (EADDRINUSE, EADDRNOTAVAIL, ENOMEM, EAFNOSUPPORT, EAGAIN, ECONNABORTED, EINPROGRESS, EINTR,
+                         EMFILE, ENFILE, errno)
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy, memset, strerror
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset, strerror
 from libc.time cimport localtime_r, time_t, tm
 from libcpp.deque cimport deque
 from libcpp.string cimport string
@@ -42,12 +44,12 @@ from posix.unistd cimport close, getpid, read, write
 from linux cimport (AF_INET, AF_INET6, AF_UNSPEC, AI_PASSIVE, EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC,
                     EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
                     INET6_ADDRSTRLEN, IPPROTO_IPV6, IPPROTO_TCP, IPV6_V6ONLY, MSG_DONTWAIT, MSG_NOSIGNAL,
-                    POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, PR_SET_NAME, SO_ERROR, SO_REUSEADDR,
+                    POLLIN, POLLNVAL, POLLOUT, SO_ERROR, SO_REUSEADDR,
                     SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, SOMAXCONN, TCP_NODELAY, accept4,
                     addrinfo, bind, connect, epoll_create1, epoll_ctl, epoll_event, epoll_wait, eventfd,
                     freeaddrinfo, gai_strerror, getaddrinfo, getsockname, getsockopt, htole32, htole64,
-                    htons, inet_ntop, le32toh, le64toh, listen, ntohs, poll, pollfd, prctl, pthread_create,
-                    pthread_join, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
+                    htons, inet_ntop, le32toh, le64toh, listen, ntohs, poll, pollfd, pthread_create,
+                    pthread_join, pthread_setname_np, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                     pthread_mutex_t, pthread_mutex_unlock, pthread_sigmask, pthread_t, recv, send,
                     setsockopt, sigset_t, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socket,
                     socklen_t)
@@ -418,6 +420,7 @@ cdef cppclass Loop:
     pthread_t thread
     bint running
     bint stopping
+    bint accepting  # the listening sockets are watched (see set_accepting)
     int epfd
     int wake_fd  # eventfd: written to stop the loop
     int reserve_fd  # given up to accept (and refuse) a connection when out of descriptors
@@ -441,6 +444,7 @@ cdef cppclass Loop:
     __init__():
         this.running = False
         this.stopping = False
+        this.accepting = True
         this.epfd = -1
         this.wake_fd = -1
         this.reserve_fd = -1
@@ -926,40 +930,80 @@ cdef void format_peer(const sockaddr_storage *addr, string *out) noexcept nogil:
     out.assign(<const char *>text)
 
 
+cdef void log_refused(const string &peer, const char *why) noexcept nogil:
+    cdef string line
+    line.assign(b"refused a connection from ")
+    line.append(peer)
+    line.append(b": ")
+    line.append(why)
+    log_line(b'E', line)
+
+
+cdef void set_accepting(Loop *L, bint accepting) noexcept nogil:
+    """Out of descriptors with no reserve left: stop watching the listening sockets (they would
+    stay readable and spin the loop) until a connection closes and a reserve can be had again."""
+    cdef epoll_event ev
+    cdef string line
+    L.accepting = accepting
+    for fd in L.listen_fds:
+        ev.events = EPOLLIN
+        ev.data.fd = fd
+        # Failure leaves the socket as it was: watched (and spinning) or not (until a later close).
+        epoll_ctl(L.epfd, EPOLL_CTL_ADD if accepting else EPOLL_CTL_DEL, fd, &ev)
+    line.assign(b"accepting connections again" if accepting else
+                b"stopped accepting connections: out of file descriptors; resuming when one closes")
+    log_line(b'W' if accepting else b'E', line)
+
+
 cdef void on_acceptable(Loop *L, int listen_fd) noexcept nogil:
     cdef sockaddr_storage addr
     cdef socklen_t size
-    cdef int fd, one = 1, i
+    cdef int fd, code, one = 1, i
     cdef epoll_event ev
     cdef Conn *c
-    cdef string line
+    cdef string peer, line
     for i in range(ACCEPT_BUDGET):
         size = sizeof(addr)
         fd = accept4(listen_fd, <sockaddr *>&addr, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
-            if errno == EINTR or errno == ECONNABORTED:
+            code = errno
+            if code == EINTR or code == ECONNABORTED:
                 continue
-            if (errno == EMFILE or errno == ENFILE) and L.reserve_fd >= 0:
-                # Out of descriptors: free the reserve to take the connection off the backlog
+            if code == EAGAIN:
+                return
+            if (code == EMFILE or code == ENFILE) and L.reserve_fd >= 0:
+                # Out of descriptors: give up the reserve to take the connection off the backlog
                 # and close it, else the listening socket would stay readable forever.
-                line.assign(b"refused a connection: ")
-                line.append(strerror(errno))
                 close(L.reserve_fd)
-                fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC)
+                size = sizeof(addr)
+                fd = accept4(listen_fd, <sockaddr *>&addr, &size, SOCK_CLOEXEC)
                 if fd >= 0:
                     close(fd)
                 L.reserve_fd = c_open(b"/dev/null", O_RDONLY | FCNTL_O_CLOEXEC)
-                log_line(b'E', line)
+                if fd < 0:
+                    return  # nothing was waiting after all
+                format_peer(&addr, &peer)
+                log_refused(peer, strerror(code))
                 continue
-            if errno != EAGAIN:
-                line.assign(b"accept: ")
-                line.append(strerror(errno))
-                log_line(b'E', line)
+            if code == EMFILE or code == ENFILE:
+                set_accepting(L, False)
+                return
+            line.assign(b"accept: ")
+            line.append(strerror(code))
+            log_line(b'E', line)
             return
-        # Replies are small and latency-bound; Nagle would hold them back.
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        format_peer(&addr, &peer)
+        ev.events = EPOLLIN
+        ev.data.fd = fd
+        # TCP_NODELAY: replies are small and latency-bound; Nagle would hold them back.
+        if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0
+                or epoll_ctl(L.epfd, EPOLL_CTL_ADD, fd, &ev) != 0):
+            log_refused(peer, strerror(errno))
+            close(fd)
+            continue
         c = new Conn()
         c.fd = fd
+        c.peer = peer
         c.validated = False
         c.closing = False
         c.paused = False
@@ -968,18 +1012,6 @@ cdef void on_acceptable(Loop *L, int listen_fd) noexcept nogil:
         c.partial_since = 0
         c.out_sent = 0
         c.events = EPOLLIN
-        format_peer(&addr, &c.peer)
-        ev.events = EPOLLIN
-        ev.data.fd = fd
-        if epoll_ctl(L.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
-            line.assign(b"refused a connection from ")
-            line.append(c.peer)
-            line.append(b": epoll_ctl: ")
-            line.append(strerror(errno))
-            log_line(b'E', line)
-            close(fd)
-            del c
-            continue
         if L.by_fd.size() <= <size_t>fd:
             L.by_fd.resize(fd + 1, NULL)
         L.by_fd[fd] = c
@@ -1013,6 +1045,10 @@ cdef void finish_pass(Loop *L) noexcept nogil:
     for c in L.dead:
         close(c.fd)
         del c
+    if not L.dead.empty() and not L.accepting:
+        L.reserve_fd = c_open(b"/dev/null", O_RDONLY | FCNTL_O_CLOEXEC)
+        if L.reserve_fd >= 0:
+            set_accepting(L, True)
     L.dead.clear()
 
 
@@ -1031,7 +1067,6 @@ cdef void *run_loop(void *arg) noexcept nogil:
     cdef uint64_t drained
     cdef Conn *c
     cdef string line
-    prctl(PR_SET_NAME, <unsigned long><const char *>b"launcher-store", 0, 0, 0)
     while True:
         n = epoll_wait(L.epfd, events, MAX_EVENTS, SWEEP_INTERVAL_MS if L.partial_conns else -1)
         if n < 0:
@@ -1234,7 +1269,7 @@ cdef class Server:
     def __init__(self, str host, int port=0, max_value_size=1 << 30, *, double request_timeout=60.0):
         cdef Loop *L = self.loop
         cdef string error
-        cdef int code = 0, bound = -1, attempt
+        cdef int code = 0, bound = -1
         cdef epoll_event ev
         cdef sigset_t all_signals, previous
         cdef bytes host_bytes = host.encode()
@@ -1253,7 +1288,7 @@ cdef class Server:
         raise_open_file_limit()
         # With port 0 the kernel picks a port free on the first address only; another address
         # may have it taken. Rare: pick again.
-        for attempt in range(8):
+        for _ in range(8):
             with nogil:
                 bound = bind_listeners(L, host_c, port, &error, &code)
             if bound >= 0 or port != 0 or code != EADDRINUSE:
@@ -1290,6 +1325,10 @@ cdef class Server:
             if code != 0:
                 raise OSError(code, f"pthread_create: {strerror(code).decode()}")
             L.running = True
+            # Named here rather than by the thread itself, so the name is there once this returns.
+            code = pthread_setname_np(L.thread, b"launcher-store")
+            if code != 0:
+                raise OSError(code, f"pthread_setname_np: {strerror(code).decode()}")
         except BaseException:
             self.close()
             raise
@@ -1302,19 +1341,26 @@ cdef class Server:
     def close(self):
         """Stop serving: every connection is closed (a client waiting on a key gets an error),
         the thread is joined and every descriptor released. Closing twice does nothing."""
+        with nogil:
+            self.stop()
+
+    cdef void stop(self) noexcept nogil:
         cdef Loop *L = self.loop
         cdef uint64_t one = 1
-        with nogil:
-            pthread_mutex_lock(&L.lock)
-            L.stopping = True
-            pthread_mutex_unlock(&L.lock)
-            if L.running:
-                write(L.wake_fd, &one, 8)  # cannot fail: the counter is far from full
-                pthread_join(L.thread, NULL)
-                L.running = False
-            pthread_mutex_lock(&L.lock)
-            release_everything(L)
-            pthread_mutex_unlock(&L.lock)
+        cdef bint first
+        pthread_mutex_lock(&L.lock)
+        first = not L.stopping
+        L.stopping = True
+        pthread_mutex_unlock(&L.lock)
+        if not first:
+            return
+        if L.running:
+            write(L.wake_fd, &one, 8)  # cannot fail: the counter is far from full
+            pthread_join(L.thread, NULL)
+            L.running = False
+        pthread_mutex_lock(&L.lock)
+        release_everything(L)
+        pthread_mutex_unlock(&L.lock)
 
     def clear(self, bytes keep_prefix=b""):
         """Drop every key and queue, except those whose wire key starts with keep_prefix
@@ -1371,7 +1417,7 @@ cdef class Server:
         return value
 
     def __dealloc__(self):
-        self.close()
+        self.stop()
         pthread_mutex_destroy(&self.loop.lock)
         del self.loop
 
@@ -1492,8 +1538,8 @@ cdef class Client:
     cdef string host_c
     cdef int64_t timeout_ms
     cdef readonly int interrupt_fd
-    cdef string rbuf  # received bytes; the unread ones start at rpos
-    cdef size_t rpos
+    cdef char *rbuf  # received bytes: rlen of them in rcap, the unread ones from rpos
+    cdef size_t rcap, rlen, rpos
     cdef int err  # IO_FAILED: the errno
     cdef string why  # RETRY: why the last connect attempt failed
     cdef object lost  # why the connection is gone for good, else None
@@ -1501,7 +1547,8 @@ cdef class Client:
 
     def __cinit__(self):
         self.fd = -1
-        self.rpos = 0
+        self.rbuf = NULL
+        self.rcap = self.rlen = self.rpos = 0
         pthread_mutex_init(&self.lock, NULL)
 
     def __init__(self, str host, int port, double timeout=300.0, int interrupt_fd=-1):
@@ -1537,6 +1584,7 @@ cdef class Client:
 
     def __dealloc__(self):
         self.abandon()
+        free(self.rbuf)
         pthread_mutex_destroy(&self.lock)
 
     # Blocking steps; each returns a Status.
@@ -1545,8 +1593,14 @@ cdef class Client:
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
-        self.rbuf.clear()
-        self.rpos = 0
+        self.rlen = self.rpos = 0
+
+    cdef void trim(self) noexcept nogil:
+        """Between calls: give back a buffer a large reply grew."""
+        if self.rcap > KEEP_BUFFER and self.rpos == self.rlen:
+            free(self.rbuf)
+            self.rbuf = NULL
+            self.rcap = self.rlen = self.rpos = 0
 
     cdef int send_all(self, const string &data, int64_t deadline) noexcept nogil:
         cdef size_t pos = 0
@@ -1569,19 +1623,26 @@ cdef class Client:
 
     cdef int fill(self, size_t n, int64_t deadline) noexcept nogil:
         """Receive until n unread bytes are buffered."""
-        cdef size_t have, want
+        cdef size_t want
         cdef ssize_t got
         cdef int status
-        while self.rbuf.size() - self.rpos < n:
+        cdef char *grown
+        while self.rlen - self.rpos < n:
             if self.rpos > 0:
-                self.rbuf.erase(0, self.rpos)
+                memmove(self.rbuf, self.rbuf + self.rpos, self.rlen - self.rpos)
+                self.rlen -= self.rpos
                 self.rpos = 0
-            have = self.rbuf.size()
-            want = max(n - have, <size_t>65536)
-            self.rbuf.resize(have + want)
-            got = recv(self.fd, &self.rbuf[have], want, 0)
-            self.rbuf.resize(have + (got if got > 0 else 0))
+            want = max(n - self.rlen, <size_t>65536)
+            if self.rcap - self.rlen < want:
+                grown = <char *>realloc(self.rbuf, self.rlen + want)
+                if grown == NULL:
+                    self.err = ENOMEM
+                    return IO_FAILED
+                self.rbuf = grown
+                self.rcap = self.rlen + want
+            got = recv(self.fd, self.rbuf + self.rlen, self.rcap - self.rlen, 0)
             if got > 0:
+                self.rlen += got
                 continue
             if got == 0:
                 return PEER_CLOSED
@@ -1600,12 +1661,12 @@ cdef class Client:
         cdef int status = self.fill(8, deadline)
         if status != OK:
             return status
-        size = load_u64(<const uint8_t *>self.rbuf.data() + self.rpos)
+        size = load_u64(<const uint8_t *>self.rbuf + self.rpos)
         self.rpos += 8
         status = self.fill(size, deadline)
         if status != OK:
             return status
-        answer.values.push_back(string(self.rbuf.data() + self.rpos, size))
+        answer.values.push_back(string(self.rbuf + self.rpos, size))
         self.rpos += size
         return OK
 
@@ -1621,7 +1682,7 @@ cdef class Client:
             status = self.fill(8, deadline)
             if status != OK:
                 return status
-            answer.number = <int64_t>load_u64(<const uint8_t *>self.rbuf.data() + self.rpos)
+            answer.number = <int64_t>load_u64(<const uint8_t *>self.rbuf + self.rpos)
             self.rpos += 8
             if reply == COUNTED_VALUES:
                 count = <size_t>answer.number
@@ -1652,7 +1713,7 @@ cdef class Client:
         if status == OK:
             status = self.fill(4, deadline)
         if status == OK:
-            if load_u32(<const uint8_t *>self.rbuf.data() + self.rpos) != nonce:
+            if load_u32(<const uint8_t *>self.rbuf + self.rpos) != nonce:
                 return UNEXPECTED_REPLY
             self.rpos += 4
         return status
@@ -1782,6 +1843,7 @@ cdef class Client:
             status = self.exchange(request, reply, count, answer, deadline)
             if status != OK:
                 self.abandon()
+            self.trim()
             pthread_mutex_unlock(&self.lock)
         if status != OK:
             self.fail(status, what)
@@ -1869,6 +1931,7 @@ cdef class Client:
             status = self.wait_keys(request, wait_deadline, deadline)
             if status != OK and status != WAIT_TIMED_OUT:
                 self.abandon()
+            self.trim()
             pthread_mutex_unlock(&self.lock)
         if status == WAIT_TIMED_OUT or status == TIMED_OUT:
             raise DistStoreError(f"wait timeout after {int(timeout * 1000)}ms, keys: "

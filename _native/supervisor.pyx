@@ -1,4 +1,3 @@
-# cython: boundscheck=False, wraparound=False
 """Native process supervision: spawn the workers, watch them, route their output.
 
 One epoll loop, entered with the GIL released, wakes on whatever happens:
@@ -19,7 +18,8 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 from posix.fcntl cimport F_GETFL, F_SETFL, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY, fcntl
 from posix.fcntl cimport open as c_open
-from posix.signal cimport SIG_BLOCK, SIG_SETMASK, kill, killpg, sigaddset, sigemptyset, sigismember, siginfo_t
+from posix.signal cimport (SA_RESTART, SIG_BLOCK, SIG_SETMASK, kill, killpg, sigaction, sigaction_t, sigaddset,
+                          sigemptyset, sigfillset, sigismember, siginfo_t)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport pid_t, sigset_t
 from posix.unistd cimport close, getpid, getsid, read, write
@@ -29,13 +29,15 @@ from linux cimport (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CPU_ALLOC, CPU_ALLOC_SIZ
                     EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, O_CLOEXEC,
                     O_NONBLOCK, POLLOUT, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, SFD_CLOEXEC,
                     SFD_NONBLOCK, cpu_set_t, epoll_create1, epoll_ctl, epoll_event, epoll_wait,
-                    launcher_pidfd_open, pipe2, poll, pollfd, prctl, pthread_sigmask, signalfd, signalfd_siginfo)
+                    launcher_pidfd_open, pipe2, poll, pollfd, prctl, pthread_kill, pthread_self, pthread_sigmask,
+                    pthread_t, signalfd, signalfd_siginfo)
 
 import os
 import threading
 
 cdef extern from "<string.h>" nogil:
     void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen)
+    void *memrchr(const void *s, int c, size_t n)
 
 cdef extern from "<signal.h>" nogil:
     enum:
@@ -43,6 +45,7 @@ cdef extern from "<signal.h>" nogil:
         SIGINT
         SIGKILL
         SIGSTOP
+        SIGTERM
         NSIG
 
 cdef extern from "<limits.h>" nogil:
@@ -89,6 +92,11 @@ cdef enum:
     CONSOLE_RESUME_AT = 1 << 20
     LINE_MAX = 1 << 20  # a longer line is cut here rather than held in memory
     MAX_EVENTS = 64
+
+# An unprefixed line still without its newline after this long is shown as it
+# is (a progress bar); the pieces of one print() arrive far sooner, so lines
+# from different ranks stay whole.
+cdef double PARTIAL_SHOW_DELAY = 0.05
 
 # What an epoll event came from: the high 32 bits of its data.
 cdef enum Source:
@@ -151,17 +159,29 @@ cdef int write_all(int fd, const char *data, size_t size) noexcept nogil:
     return 0
 
 
+cdef pthread_t watching_thread  # the thread of the open SignalWatch
+
+
+cdef void redirect_to_watcher(int sig) noexcept nogil:
+    # A thread that does not block ``sig`` took it (one started before the watch,
+    # in a program that embeds the launcher): hand it to the watching thread,
+    # which blocks it, so it waits in the signalfd like any other.
+    pthread_kill(watching_thread, sig)
+
+
 cdef class SignalWatch:
     """Blocks ``signals`` in the calling thread and reads them from a signalfd.
 
-    Call it before any other thread starts: threads inherit the mask, and a
-    thread that does not block a signal could take it instead. SIGCHLD is
-    blocked too (not read here): a WorkerGroup reads it to reap the orphans it
-    adopts. ``close()`` restores the previous mask.
+    Threads started afterwards inherit the mask. A thread started before that
+    does not block a signal may still take it: a handler that only re-sends it
+    to the watching thread is installed meanwhile. SIGCHLD is blocked too (not
+    read here): a WorkerGroup reads it to reap the orphans it adopts.
+    ``close()`` restores the previous handlers and mask. One watch at a time.
     """
 
     cdef int fd
     cdef sigset_t previous
+    cdef sigaction_t previous_actions[NSIG]
     cdef readonly tuple signals
 
     def __cinit__(self):
@@ -188,6 +208,16 @@ cdef class SignalWatch:
             error = errno
             pthread_sigmask(SIG_SETMASK, &self.previous, NULL)
             raise _os_error(error, what="signalfd")
+        global watching_thread
+        watching_thread = pthread_self()
+        cdef sigaction_t redirect
+        memset(&redirect, 0, sizeof(redirect))
+        redirect.sa_handler = redirect_to_watcher
+        sigfillset(&redirect.sa_mask)
+        redirect.sa_flags = SA_RESTART
+        for number in numbers:
+            if sigaction(number, &redirect, &self.previous_actions[number]) < 0:
+                raise _os_error(errno, what="sigaction")
 
     def fileno(self) -> int:
         if self.fd < 0:
@@ -215,6 +245,9 @@ cdef class SignalWatch:
             return
         close(self.fd)
         self.fd = -1
+        for number in self.signals:
+            if sigaction(number, &self.previous_actions[number], NULL) < 0:
+                raise _os_error(errno, what="sigaction")
         cdef int error = pthread_sigmask(SIG_SETMASK, &self.previous, NULL)
         if error:
             raise _os_error(error, what="pthread_sigmask")
@@ -372,6 +405,7 @@ cdef class _Stream:
     cdef deque[string] tail
     cdef string partial  # the line being received
     cdef size_t partial_shown  # bytes of partial already on an unprefixed console
+    cdef double partial_since  # monotonic time the unshown part of partial began waiting; 0: none
 
     def __cinit__(self):
         self.fd = -1
@@ -399,6 +433,7 @@ cdef class _Stream:
                 self.line(self.partial.data(), self.partial.size(), True)
                 self.partial.clear()
                 self.partial_shown = 0
+                self.partial_since = 0
             else:
                 self.line(data + start, end - start, True)
             start = end
@@ -406,6 +441,7 @@ cdef class _Stream:
 
     cdef int line(self, const char *data, size_t size, bint terminated) except -1:
         cdef size_t i, body = size - 1 if terminated else size
+        cdef const char *shown
         if self.console is not None:
             if self.prefix.size():
                 self.console.add(self.prefix.data(), self.prefix.size())
@@ -423,6 +459,13 @@ cdef class _Stream:
                         self.filtered.append(b"\n", 1)
                     break
         if self.keep_tail:
+            # a line redrawn with carriage returns (a progress bar) as the terminal last showed it
+            if body and data[body - 1] == b'\r':
+                body -= 1
+            shown = <const char *>memrchr(data, b'\r', body)
+            if shown != NULL:
+                body -= shown + 1 - data
+                data = shown + 1
             self.tail.push_back(string(data, min(body, <size_t>TAIL_LINE_MAX)))
             if self.tail.size() > TAIL_LINES:
                 self.tail.pop_front()
@@ -434,13 +477,20 @@ cdef class _Stream:
             self.line(self.partial.data(), self.partial.size(), False)
             self.partial.clear()
             self.partial_shown = 0
+            self.partial_since = 0
         return 0
 
-    cdef int show_partial(self) except -1:
-        """Put an unprefixed partial line on the console now: the worker paused mid-line (a progress bar)."""
+    cdef void await_newline(self, double at) noexcept:
+        """The worker stopped mid-line: start the clock for showing the unshown part."""
         if self.console is not None and not self.prefix.size() and self.partial.size() > self.partial_shown:
-            self.console.add(self.partial.data() + self.partial_shown, self.partial.size() - self.partial_shown)
-            self.partial_shown = self.partial.size()
+            if self.partial_since == 0:
+                self.partial_since = at
+
+    cdef int show_partial(self) except -1:
+        """Put the unshown part of an unprefixed partial line on the console."""
+        self.console.add(self.partial.data() + self.partial_shown, self.partial.size() - self.partial_shown)
+        self.partial_shown = self.partial.size()
+        self.partial_since = 0
         return 0
 
     cdef list tail_lines(self):
@@ -486,6 +536,8 @@ cdef class Supervisor:
     cdef list ready_fds
     cdef bint draining
     cdef bint sigint_cuts_short  # while waiting for the workers to take the first signal
+    cdef bint term_on_failure  # a failed exit sends SIGTERM to every group before Python even wakes
+    cdef double terminated_at  # monotonic time that SIGTERM went out; 0: not yet
     cdef readonly bint finished
 
     def __cinit__(self):
@@ -494,7 +546,7 @@ cdef class Supervisor:
         self.guardian_fd = -1
         self.signal_fd = -1
 
-    def __init__(self, int signal_fd=-1):
+    def __init__(self, int signal_fd=-1, bint term_on_failure=False):
         cdef sigset_t children
         if threading.current_thread() is not threading.main_thread():
             # a worker's parent-death signal fires when the thread that forked it ends
@@ -508,6 +560,7 @@ cdef class Supervisor:
         self.own_sid = getsid(0)
         self.epfd = check(epoll_create1(EPOLL_CLOEXEC), "epoll_create1")
         self.signal_fd = signal_fd
+        self.term_on_failure = term_on_failure
         if signal_fd >= 0:
             epoll_set(self.epfd, EPOLL_CTL_ADD, signal_fd, EPOLLIN, tagged(SOURCE_SIGNALS, 0))
         sigemptyset(&children)
@@ -552,7 +605,7 @@ cdef class Supervisor:
     def spawn(self, list programs, list argv, list envp, cwd, cpus, mem_nodes, tuple stdout, tuple stderr):
         """Start one worker; returns its index.
 
-        ``stdout``/``stderr``: ``("inherit",)``, ``("null",)``, ``("file", path)``
+        ``stdout``/``stderr``: ``("null",)``, ``("file", path)``
         or ``("pipe", file path or None, console, prefix, filtered path or
         None, filters, keep_tail)``.
         """
@@ -657,13 +710,11 @@ cdef class Supervisor:
             if cpu_set != NULL:
                 CPU_FREE(cpu_set)
 
-    cdef int _stream(self, _Worker worker, int index, int which, tuple spec, list parent_ends) except? -2:
-        """Prepare one output stream; returns the fd the child gets (-1: the launcher's own)."""
+    cdef int _stream(self, _Worker worker, int index, int which, tuple spec, list parent_ends) except -1:
+        """Prepare one output stream; returns the fd the child gets."""
         cdef int fds[2]
         cdef int fd
         mode = spec[0]
-        if mode == "inherit":
-            return -1
         if mode == "null":
             return check(c_open(b"/dev/null", O_RDWR | O_CLOEXEC), "/dev/null")
         if mode == "file":
@@ -717,8 +768,9 @@ cdef class Supervisor:
         """Handle events until ``until`` holds or the monotonic ``deadline`` (< 0: none) passes."""
         cdef epoll_event events[MAX_EVENTS]
         cdef int n, i, timeout_ms
-        cdef double left
+        cdef double left, partial_due
         while True:
+            partial_due = self._show_due_partials()
             self._flush_outputs()
             if self._holds(until):
                 return 1
@@ -728,6 +780,9 @@ cdef class Supervisor:
                 if left <= 0:
                     return 0
                 timeout_ms = <int>(left * 1000) + 1
+            if partial_due >= 0:
+                left = max(0.0, partial_due - now(CLOCK_MONOTONIC))
+                timeout_ms = <int>(left * 1000) + 1 if timeout_ms < 0 else min(timeout_ms, <int>(left * 1000) + 1)
             with nogil:
                 n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
             if n < 0:
@@ -736,6 +791,20 @@ cdef class Supervisor:
                 raise _os_error(errno, what="epoll_wait")
             for i in range(n):
                 self._dispatch(<int>(events[i].data.u64 >> 32), <uint32_t>events[i].data.u64)
+
+    cdef double _show_due_partials(self) except? -2:
+        """Show partial lines that waited PARTIAL_SHOW_DELAY for their newline; the next due time, -1: none."""
+        cdef double t = now(CLOCK_MONOTONIC), due, next_due = -1
+        cdef _Stream stream
+        for s in self.streams:
+            stream = <_Stream>s
+            if stream.partial_since > 0:
+                due = stream.partial_since + PARTIAL_SHOW_DELAY
+                if due <= t:
+                    stream.show_partial()
+                elif next_due < 0 or due < next_due:
+                    next_due = due
+        return next_due
 
     cdef bint _holds(self, int until):
         if until == UNTIL_EVENT:
@@ -775,7 +844,7 @@ cdef class Supervisor:
             if n < 0 and errno == EINTR:
                 continue
             if n < 0 and errno == EAGAIN:
-                stream.show_partial()
+                stream.await_newline(now(CLOCK_MONOTONIC))
                 break
             if n < 0:
                 raise _os_error(errno, what="read worker output")
@@ -817,6 +886,9 @@ cdef class Supervisor:
         for stream in worker.streams:
             self._drain(stream, 1 << 30)
         self.exits.append(self.workers.index(worker))
+        if self.term_on_failure and self.terminated_at == 0 and not (info.si_code == CLD_EXITED and info.si_status == 0):
+            self.signal_groups(SIGTERM)
+            self.terminated_at = now(CLOCK_MONOTONIC)
         return 0
 
     cdef int _read_signals(self) except -1:
@@ -894,8 +966,12 @@ cdef class Supervisor:
         groups to be gone, reap, drain the output. Returns the signals read meanwhile."""
         if self.finished:
             return []
-        cdef double deadline = now(CLOCK_MONOTONIC) + timeout
-        self.signal_groups(first_signal)
+        cdef double deadline
+        if first_signal == SIGTERM and self.terminated_at > 0:  # the loop sent it at the failure already
+            deadline = self.terminated_at + timeout
+        else:
+            deadline = now(CLOCK_MONOTONIC) + timeout
+            self.signal_groups(first_signal)
         self.sigint_cuts_short = True
         self._pump(deadline, UNTIL_EXITED)
         self.sigint_cuts_short = False
@@ -997,6 +1073,10 @@ cdef class Supervisor:
     def stderr_tail(self, int index):
         cdef _Worker worker = self.workers[index]
         return worker.stderr.tail_lines() if worker.stderr is not None else []
+
+    def count(self) -> int:
+        """How many workers were started."""
+        return len(self.workers)
 
     def pid(self, int index):
         return (<_Worker>self.workers[index]).pid

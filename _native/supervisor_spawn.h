@@ -55,8 +55,8 @@ struct launcher_spawn_spec {
     char *const *argv;
     char *const *envp;
     const char *cwd;       /* NULL: the launcher's */
-    int stdout_fd;         /* -1: the launcher's own */
-    int stderr_fd;         /* -1: the launcher's own */
+    int stdout_fd;
+    int stderr_fd;
     const cpu_set_t *cpus; /* NULL: no affinity */
     size_t cpus_size;
     const unsigned long *mem_nodes; /* NULL: no memory binding */
@@ -120,8 +120,8 @@ static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t 
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     /* The launcher may have died before the death signal was armed. */
     if (getppid() != parent) _exit(127);
-    if (spec->stdout_fd >= 0 && launcher_dup_to(spec->stdout_fd, 1) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
-    if (spec->stderr_fd >= 0 && launcher_dup_to(spec->stderr_fd, 2) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (launcher_dup_to(spec->stdout_fd, 1) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (launcher_dup_to(spec->stderr_fd, 2) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (launcher_close_from(3, report_fd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (spec->cwd && chdir(spec->cwd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CWD);
     if (spec->cpus && sched_setaffinity(0, spec->cpus_size, spec->cpus) != 0)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from launcher import rendezvous
 from launcher.api import LaunchConfig
-from launcher.errors import Failure, SignalException
+from launcher.errors import ERROR_FILE_ENV, Failure, SignalException
 from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousInfo
 from launcher.store import StoreInterrupted
@@ -115,6 +115,7 @@ class Agent:
                 signal_watch=self.signals,
                 duplicate_stdout_filters=self.config.duplicate_stdout_filters or (),
                 duplicate_stderr_filters=self.config.duplicate_stderr_filters or (),
+                term_on_failure=True,  # every failure ends the group: start at once
             )
             self._event("workers_started", round=info.round, group_rank=ranks.group_rank, world_size=ranks.world_size)
             group.start()
@@ -198,7 +199,7 @@ class Agent:
                     "TORCHELASTIC_USE_AGENT_STORE": str(True),
                     "TORCHELASTIC_SIGNALS_TO_HANDLE": self.config.signals_to_handle,
                     "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
-                    "TORCHELASTIC_ERROR_FILE": worker_logs.error_file,
+                    ERROR_FILE_ENV: worker_logs.error_file,
                     "LOCAL_RANK": str(local_rank),
                 }
             )

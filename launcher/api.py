@@ -98,12 +98,23 @@ class elastic_launch:
 
 
 def _get_entrypoint_name(entrypoint: Callable | str | None, args: list[Any]) -> str:
-    """The name failure reports use: a function's name, a script's path, or the program."""
+    """The name failure reports use: a function's name, a Python worker's script or module, or the program.
+
+    A Python worker is recognised as torch does (``sys.executable``) and also
+    by name (``--python``, ``PYTHON_EXEC``); ``-c CODE`` (``--run-path``) is
+    skipped so the script behind it names the job.
+    """
     if callable(entrypoint):
         return entrypoint.__name__
     if isinstance(entrypoint, str):
-        if entrypoint == sys.executable:
-            return next((arg for arg in args if not arg.startswith("-")), "")
+        if entrypoint == sys.executable or os.path.basename(entrypoint).startswith("python"):
+            rest = iter(args)
+            for arg in rest:
+                if arg == "-c":
+                    next(rest, None)
+                elif not arg.startswith("-"):
+                    return arg
+            return ""
         return entrypoint
     return ""
 

@@ -27,10 +27,10 @@ from typing import Callable, NoReturn
 
 import launcher
 from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size
+from launcher.rendezvous import BACKENDS, backend_config, parse_rdzv_conf
 
 log = logging.getLogger("launcher")
 
-RDZV_BACKENDS = ("static", "c10d", "etcd", "etcd-v2")
 START_METHODS = ("spawn", "fork", "forkserver")
 EVENT_LOG_HANDLERS = ("null", "console")
 DEFAULT_MASTER_PORT = 29500
@@ -183,7 +183,12 @@ def _nproc_ok(value: str) -> bool:
 
 def _host_ok(host: str) -> bool:
     """A host name, an IPv4 address, or an IPv6 address in brackets."""
-    return bool(re.fullmatch(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?\]", host))
+    return bool(re.fullmatch(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]", host))
+
+
+def _address_ok(address: str) -> bool:
+    """As ``_host_ok``, or an IPv6 address without brackets."""
+    return _host_ok(address) or bool(re.fullmatch(r"[0-9A-Fa-f]*:[0-9A-Fa-f:.]+", address))
 
 
 def _endpoint_ok(endpoint: str) -> bool:
@@ -198,33 +203,20 @@ def _endpoint_ok(endpoint: str) -> bool:
     return True
 
 
-def parse_rendezvous_config(config: str) -> dict[str, str]:
-    """``k=v,k2=v2`` to a dict (torch's syntax); one pair of quotes around the whole or a value is dropped.
+def rendezvous_config(text: str) -> dict[str, str]:
+    """``--rdzv-conf`` to a dict (the rendezvous' parser); one pair of quotes around it is dropped.
 
-    Torch's own tests pass ``--rdzv-conf='timeout=5'`` without a shell to remove the quotes.
+    torch's own tests pass ``--rdzv-conf='timeout=5'`` without a shell to remove the quotes.
     """
-    config = _unquote(config.strip())
-    pairs: dict[str, str] = {}
-    if not config:
-        return pairs
-    for item in config.split(","):
-        key, equals, value = item.partition("=")
-        key, value = key.strip(), _unquote(value.strip())
-        if not key or not equals or not value:
-            raise ValueError(f"expected <key>=<value>,<key2>=<value2>..., got {item.strip()!r} in {config!r}")
-        pairs[key] = value
-    return pairs
-
-
-def _unquote(text: str) -> str:
+    text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
+        text = text[1:-1]
+    return parse_rdzv_conf(text)
 
 
 def _rdzv_conf(value: str) -> str:
     try:
-        parse_rendezvous_config(value)
+        rendezvous_config(value)
     except ValueError as error:
         raise ArgumentTypeError(str(error)) from None
     return value
@@ -316,8 +308,8 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
         "this process may use; gpu counts CUDA GPUs (NVML, honouring CUDA_VISIBLE_DEVICES); auto: GPUs, else "
         "Intel GPUs, else CPUs.")
 
-    add("--rdzv-backend", "--rdzv_backend", action=EnvDefault, type=_one_of(RDZV_BACKENDS), default="static",
-        metavar="{" + ",".join(RDZV_BACKENDS) + "}", help="Rendezvous backend.")
+    add("--rdzv-backend", "--rdzv_backend", action=EnvDefault, type=_one_of(BACKENDS), default="static",
+        metavar="{" + ",".join(BACKENDS) + "}", help="Rendezvous backend.")
     add("--rdzv-endpoint", "--rdzv_endpoint", action=EnvDefault, default="",
         type=_check("<host>[:<port>], [<IPv6>][:<port>], or a comma list of those for etcd", _endpoint_ok),
         help="Rendezvous backend endpoint; usually in form <host>:<port>.")
@@ -386,7 +378,7 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
     add("--master-port", "--master_port", action=EnvDefault, type=_integer(0, 65535), default=None,
         help="Port on the master node (rank 0), only used for static rendezvous. Defaults to 29500.")
     add("--local-addr", "--local_addr", action=EnvDefault, default=None,
-        type=_check("a host name or address", _host_ok),
+        type=_check("a host name or an IP address", _address_ok),
         help="Address of the local node. If specified, will use the given address for connection. Else, it "
         "will be default to local machine's FQDN.")
     add("--logs-specs", "--logs_specs", action=EnvDefault, default=None,
@@ -447,7 +439,11 @@ def config_from_args(args: Namespace):
         )
         os.environ["OMP_NUM_THREADS"] = str(omp_num_threads)
 
-    rdzv_configs: dict = parse_rendezvous_config(args.rdzv_conf)
+    rdzv_configs: dict = rendezvous_config(args.rdzv_conf)
+    try:
+        backend_config(args.rdzv_backend, rdzv_configs)
+    except ValueError as error:
+        raise UsageError(f"argument --rdzv-conf: {error}") from None
     if args.rdzv_backend == "static":
         if args.node_rank >= max_nodes:
             raise UsageError(f"argument --node-rank: expected 0 to {max_nodes - 1} (--nnodes={args.nnodes}), got {args.node_rank}")
@@ -642,7 +638,7 @@ def setup_logging() -> None:
 
 
 def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable) -> NoReturn:
-    """Run a launch from the command line and exit: 0 done, 1 workers failed, 2 usage, 128+N signal N."""
+    """Run a launch from the command line and exit: 0 done, 1 failed (workers or rendezvous), 2 usage, 128+N signal N."""
     try:
         setup_logging()
         config, entrypoint, args = prepare(parse(sys.argv[1:]))
@@ -653,11 +649,15 @@ def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Ca
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
     from launcher.errors import ChildFailedError, SignalException
+    from launcher.rendezvous import RendezvousError
 
     try:
         launch(config, entrypoint, args)
     except ChildFailedError as error:
         print(error, file=sys.stderr)
+        sys.exit(1)
+    except RendezvousError as error:  # one line saying what, where and how long: no traceback to add
+        print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(1)
     except SignalException as error:
         sys.exit(128 + int(error.sigval))

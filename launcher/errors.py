@@ -38,19 +38,14 @@ __all__ = [
     "ErrorRecord",
     "Failure",
     "SignalException",
-    "STDERR_TAIL_LINES",
     "format_summary",
     "read_error_file",
-    "read_stderr_tail",
     "record",
     "summary_json",
     "write_summary_json",
 ]
 
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
-STDERR_TAIL_LINES = 20
-# Bounds the read of a huge log; 20 lines of a traceback fit many times over.
-_STDERR_TAIL_BYTES = 64 * 1024
 _NOT_AVAILABLE = "<N/A>"  # torchrun's marker for a missing error file
 _RULER_MAX_WIDTH = 60  # torchrun's
 
@@ -197,31 +192,6 @@ def _write_error_file(data: dict) -> None:
         warnings.warn(f"Unable to write error to file. {type(e).__name__}: {e}", stacklevel=4)
 
 
-def read_stderr_tail(path: str, lines: int = STDERR_TAIL_LINES) -> list[str]:
-    """The last ``lines`` lines of a worker's stderr log, oldest first.
-
-    A line is shown as a terminal would: only the text after its last
-    carriage return (progress bars redraw one line many times). Never raises:
-    a missing file has no lines, an unreadable one gives one line saying so.
-    """
-    try:
-        with open(path, "rb") as fp:
-            size = fp.seek(0, os.SEEK_END)
-            fp.seek(max(0, size - _STDERR_TAIL_BYTES))
-            data = fp.read()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        return [f"<unreadable stderr log ({type(e).__name__}: {e})>"]
-    text = data.decode("utf-8", errors="replace").rstrip("\n")
-    if not text:
-        return []
-    all_lines = text.split("\n")
-    if size > len(data):
-        all_lines = all_lines[1:]  # the read began mid-line
-    return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in all_lines[-lines:]]
-
-
 @dataclass
 class Failure:
     """One worker that ended unsuccessfully, as the agent saw it."""
@@ -236,7 +206,7 @@ class Failure:
     core_dumped: bool
     ended_at: float  # seconds since the epoch
     error_file: str | None  # the worker's TORCHELASTIC_ERROR_FILE
-    stderr_tail: list[str] | None  # read_stderr_tail of its stderr log; None when stderr was not captured
+    stderr_tail: list[str] | None  # its last stderr lines (the supervisor keeps 20); None when not captured
 
     def __post_init__(self):
         if (self.exitcode is None) == (self.signal is None):

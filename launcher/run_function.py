@@ -10,7 +10,7 @@ import os
 import pickle
 import sys
 
-from launcher.errors import record
+from launcher.errors import ERROR_FILE_ENV, record
 
 
 @record
@@ -20,7 +20,7 @@ def main(payload_path: str) -> None:
     sys.path[:0] = [entry for entry in parent_path if entry not in sys.path]
     function, args = pickle.loads(blob)
     value = function(*args)
-    result_dir = os.path.dirname(os.environ["TORCHELASTIC_ERROR_FILE"])
+    result_dir = os.path.dirname(os.environ[ERROR_FILE_ENV])
     with open(os.path.join(result_dir, "return_value.pkl"), "wb") as out:
         pickle.dump(value, out)
 

@@ -7,8 +7,8 @@ hosts. Names, signatures and error classes are torch's::
 
     store = TCPStore("localhost", 0, world_size=2, is_master=True, interrupt_fd=signal_fd)
     store.set("key", b"value")
-    store.get("key")            # waits for the key, up to the store's timeout
-    store.server.clear(b"/attempt_1/")   # drop what the previous attempt left
+    store.get("key")                     # waits for the key, up to the store's timeout
+    store.server.clear(b"/rdzv/")        # between attempts: drop every key but /rdzv/...
 
 The server runs on a native thread that never takes the GIL. Every blocking
 client call also watches ``interrupt_fd`` (say the agent's signalfd) and raises
@@ -320,10 +320,10 @@ def create_store(
     )
     if wait_for_workers:
         try:
-            # torch's full-rank check: every member, not only the master, waits for the others.
-            if store.add("_tcp_store/num_members", 1) == world_size:
-                store.set("_tcp_store/last_member", "<val_ignored>")
-            store.wait(["_tcp_store/last_member"])
+            # torch's full-rank check, on its keys: every member, not only the master, waits for the others.
+            if store.add("_tcp_store/num_members/num_members", 1) == world_size:
+                store.set("_tcp_store/num_members/last_member", "<val_ignored>")
+            store.wait(["_tcp_store/num_members/last_member"])
         except BaseException:
             store.close()
             raise

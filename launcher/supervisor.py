@@ -14,13 +14,12 @@ Guarantees (see ``_native/supervisor.pyx`` and ``supervisor_spawn.h``):
   leader is reaped only then), so a signal to a group never reaches a stranger.
 
 Where output goes (torchrun's rules, from ``launcher.logs``): a stdout that is
-only shown on the console or only redirected is the launcher's stdout or the
-file itself, as with torchrun (the worker keeps its terminal). A teed stdout
-and every stderr go through the loop, which writes whole lines, prefixed on
-the console when teed, copies teed lines matching a duplicate filter to the
-attempt's filtered file, and keeps the last 20 stderr lines for the failure
-report. A worker that pauses mid-line on an unprefixed console (a progress
-bar) has that part shown at once.
+only redirected is the file itself. Everything shown on the console, and
+every stderr, goes through the loop, which writes whole lines (never split or
+interleaved with another rank's), prefixed on the console when teed, copies
+teed lines matching a duplicate filter to the attempt's filtered file, and
+keeps the last 20 stderr lines for the failure report. A worker that pauses
+mid-line on an unprefixed console (a progress bar) has that part shown at once.
 """
 from __future__ import annotations
 
@@ -99,6 +98,8 @@ class WorkerGroup:
     exited, ``wait`` ends the group by itself (their leftover processes are
     killed, output flushed, zombies reaped); ``stop`` then only returns the
     exits. Start it from the main thread, which must outlive the workers.
+    With ``term_on_failure`` the loop sends SIGTERM to every worker's group the
+    moment one fails, before the agent wakes; ``stop`` then only waits.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class WorkerGroup:
         signal_watch: SignalWatch | None = None,
         duplicate_stdout_filters: Iterable[str] = (),
         duplicate_stderr_filters: Iterable[str] = (),
+        term_on_failure: bool = False,
     ):
         if shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be non-negative, got {shutdown_timeout}")
@@ -124,6 +126,7 @@ class WorkerGroup:
             "stdout": [f.encode() for f in duplicate_stdout_filters if f],
             "stderr": [f.encode() for f in duplicate_stderr_filters if f],
         }
+        self.term_on_failure = term_on_failure
         self.exits: dict[int, WorkerExit] = {}
         self._native: Supervisor | None = None
         self._pending_signals: list[int] = []
@@ -132,9 +135,11 @@ class WorkerGroup:
         """Spawn every worker. OSError naming the program if one cannot be started (the others are stopped)."""
         if self._native is not None:
             raise RuntimeError("the group was already started")
-        self._native = Supervisor(self.signal_watch.fileno() if self.signal_watch is not None else -1)
-        self._native.start_guardian()
+        self._native = Supervisor(
+            self.signal_watch.fileno() if self.signal_watch is not None else -1, self.term_on_failure
+        )
         try:
+            self._native.start_guardian()
             for worker in self.workers:
                 self._native.spawn(
                     _programs(worker.argv[0], worker.env),
@@ -143,7 +148,7 @@ class WorkerGroup:
                     os.fsencode(worker.cwd) if worker.cwd is not None else None,
                     sorted(worker.cpus) if worker.cpus else None,
                     sorted(worker.mem_nodes) if worker.mem_nodes else None,
-                    self._stream_spec(worker.logs.stdout, "stdout", piped=worker.logs.stdout.teed),
+                    self._stream_spec(worker.logs.stdout, "stdout", piped=worker.logs.stdout.console or worker.logs.stdout.teed),
                     self._stream_spec(worker.logs.stderr, "stderr", piped=True),
                 )
         except BaseException:
@@ -152,9 +157,7 @@ class WorkerGroup:
 
     def _stream_spec(self, logs: StreamLogs, name: str, piped: bool) -> tuple:
         if not piped:
-            if logs.file is not None:
-                return ("file", logs.file)
-            return ("inherit",) if logs.console else ("null",)
+            return ("file", logs.file) if logs.file is not None else ("null",)
         filtered = logs.teed and logs.console and bool(self.filters[name])
         return (
             "pipe",
@@ -201,7 +204,7 @@ class WorkerGroup:
             signals = native.stop(int(first_signal), self.shutdown_timeout)
         finally:
             native.close()
-        for index in range(len(self.workers)):
+        for index in range(native.count()):
             self._record_exit(index)
         return signals
 
@@ -223,7 +226,7 @@ class WorkerGroup:
     def pids(self) -> dict[int, int]:
         """The workers' pids by local rank."""
         native = self._started()
-        return {worker.local_rank: native.pid(index) for index, worker in enumerate(self.workers)}
+        return {self.workers[index].local_rank: native.pid(index) for index in range(native.count())}
 
     def _started(self) -> Supervisor:
         if self._native is None:

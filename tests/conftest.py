@@ -3,8 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = [sys.executable, "-m", "launcher"]
 
@@ -29,6 +27,11 @@ def run_launcher(*args, env=None, timeout=180, cwd=None, **kwargs):
     )
 
 
-@pytest.fixture
-def launcher_env():
-    return clean_env()
+def recv_exactly(conn, size):
+    """Read exactly ``size`` bytes from a socket, failing if the peer closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data

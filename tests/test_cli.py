@@ -62,7 +62,7 @@ OPTIONS = [
     ("node_rank", ["--node-rank", "--node_rank"], "1", 1),
     ("master_addr", ["--master-addr", "--master_addr"], "[::1]", "[::1]"),
     ("master_port", ["--master-port", "--master_port"], "1234", 1234),
-    ("local_addr", ["--local-addr", "--local_addr"], "10.0.0.2", "10.0.0.2"),
+    ("local_addr", ["--local-addr", "--local_addr"], "fe80::2", "fe80::2"),
     ("logs_specs", ["--logs-specs", "--logs_specs"], "default", "default"),
     ("numa_binding", ["--numa-binding", "--numa_binding"], "socket", "socket"),
     ("signals_to_handle", ["--signals-to-handle", "--signals_to_handle"], "SIGUSR1,SIGTERM", "SIGUSR1,SIGTERM"),
@@ -180,7 +180,10 @@ BAD_INPUT = [
     (["--rdzv-id="], "--rdzv-id"),
     (["--rdzv-conf=timeout"], "--rdzv-conf"),
     (["--rdzv-conf==5"], "--rdzv-conf"),
-    (["--rdzv-conf=a=1,,b=2"], "--rdzv-conf"),
+    (["--rdzv-conf=join_timeout=1,,read_timeout=2"], "--rdzv-conf"),
+    (["--rdzv-conf=no_such_key=1"], "--rdzv-conf"),
+    (["--rdzv-backend=c10d", "--rdzv-conf=cacert=/ca.pem"], "--rdzv-conf"),  # an etcd key
+    (["--rdzv-backend=c10d", "--rdzv-conf=join_timeout=soon"], "--rdzv-conf"),
     (["--max-restarts=-1"], "--max-restarts"),
     (["--max-restarts=x"], "--max-restarts"),
     (["--monitor-interval=-1"], "--monitor-interval"),
@@ -421,10 +424,10 @@ def test_rdzv_conf_parsing_strips_quotes():
     config, _, _ = prepare("--rdzv-backend=c10d", "--rdzv-endpoint=head:29400",
                            "--rdzv-conf='join_timeout=5,last_call_timeout=1,timeout=5'")
     assert config.rdzv_configs == {"join_timeout": "5", "last_call_timeout": "1", "timeout": "5"}
-    assert cli.parse_rendezvous_config(' a = "x y" , b=2 ') == {"a": "x y", "b": "2"}
+    assert cli.rendezvous_config('"read_timeout=7"') == {"read_timeout": "7"}
 
 
-@pytest.mark.parametrize("endpoint", ["head", "head:29400", "10.0.0.1:1", "[::1]:29400", "[fe80::1%eth0]",
+@pytest.mark.parametrize("endpoint", ["head", "head:29400", "10.0.0.1:1", "[::1]:29400", "[fe80::1]",
                                       "etcd1:2379,etcd2:2379", "http://etcd:2379"])
 def test_rendezvous_endpoints_accepted(endpoint):
     config, _, _ = prepare("--rdzv-backend=etcd", f"--rdzv-endpoint={endpoint}")

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,3 +127,14 @@ def test_is_torchelastic_launched(tmp_path):
     cli.main(["--run-path", "--nnodes=1", "--nproc-per-node=1", "--monitor-interval=1",
               os.path.join(WORKERS, "cli_torchelastic.py"), f"--out-file={out_file}"])
     assert out_file.read_text() == "True"
+
+
+def test_rendezvous_failure_is_one_line_and_exit_1():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run_launcher("--nnodes=2", "--node-rank=0", f"--master-port={port}", "--rdzv-conf=timeout=1",
+                          "--no-python", "true")
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("launcher: error: static rendezvous") and "timed out" in line

@@ -100,3 +100,36 @@ def test_no_worker_outlives_the_launch(tmp_path):
     for rank in range(2):
         pid = json.load(open(tmp_path / f"{rank}.json"))["pid"]
         assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} still exists"
+
+
+def test_console_lines_of_different_ranks_never_interleave():
+    lines = 3000
+    result = run_launcher("--standalone", "--nproc-per-node=4", f"{WORKERS}/chatter.py", lines)
+    assert result.returncode == 0, result.stderr
+    seen = {rank: [] for rank in range(4)}
+    for line in result.stdout.splitlines():
+        name, body, index = line.split(" ")
+        assert name.startswith("rank") and body == "x" * 100, line
+        seen[int(name[4:])].append(int(index))
+    assert seen == {rank: list(range(lines)) for rank in range(4)}
+
+
+def test_a_line_paused_midway_is_shown_before_its_newline(tmp_path):
+    go = tmp_path / "go"
+    launch = subprocess.Popen(
+        LAUNCHER + ["--standalone", "--nproc-per-node=1", f"{WORKERS}/progress.py", str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), cwd=REPO,
+    )
+    try:
+        shown = b""
+        while b"progress 50%" not in shown:  # arrives while the worker waits for us, without its newline
+            chunk = os.read(launch.stdout.fileno(), 4096)
+            assert chunk, "the launcher closed its stdout before showing the partial line"
+            shown += chunk
+        assert b"done" not in shown
+        go.touch()
+        rest, _ = launch.communicate(timeout=60)
+    finally:
+        launch.kill()
+    assert (shown + rest).decode() == "progress 50% done\n"
+    assert launch.returncode == 0

@@ -1,4 +1,5 @@
 """Our store among real torch processes: the capture tool's bytes, a gloo job, a GIL-bound host."""
+import mmap
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from launcher.store import StoreServer, TCPStore, get_free_port
+from launcher.store import StoreServer, TCPStore, create_store, get_free_port
 from test_store import every_command, torch_client
 
 torch_dist = pytest.importorskip("torch.distributed", reason="torch (requirements-dev) is the reference peer")
@@ -115,41 +116,58 @@ def test_gloo_job_uses_our_server_as_its_store():
 
 
 SPINNING_CLIENT = """
-import sys, time
+import mmap, sys
 from datetime import timedelta
 import torch.distributed as dist
 store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=False, timeout=timedelta(seconds=60))
-print("ready", flush=True)
-sys.stdin.readline()
+with open(sys.argv[2], "r+b") as flag_file:
+    flag = mmap.mmap(flag_file.fileno(), 1)
+while flag[0] == 0:  # the host starts holding the GIL, then says go
+    pass
 for i in range(200):
     store.set(f"k{i}", str(i))
     assert store.get(f"k{i}") == str(i).encode()
     store.add("count", 1)
 store.wait([f"k{i}" for i in range(200)])
-print(time.time(), flush=True)
+flag[0] = 2
 """
 
 
-def test_server_keeps_serving_while_python_holds_the_gil():
+def test_server_keeps_serving_while_python_holds_the_gil(tmp_path):
+    flag_path = tmp_path / "flag"
+    flag_path.write_bytes(b"\0")
+    with open(flag_path, "r+b") as flag_file:
+        flag = mmap.mmap(flag_file.fileno(), 1)
     with TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=60) as store:
-        client = subprocess.Popen(
-            [sys.executable, "-c", SPINNING_CLIENT, str(store.port)],
-            env=torch_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        assert client.stdout.readline() == "ready\n"
+        client = subprocess.Popen([sys.executable, "-c", SPINNING_CLIENT, str(store.port), str(flag_path)],
+                                  env=torch_env())
         interval = sys.getswitchinterval()
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        # Hold the GIL for 2 s: no other thread of this process gets it meanwhile.
-        sys.setswitchinterval(60)
+        # Hold the GIL (no other thread of this process gets it back) until the client, in
+        # another process, says through shared memory that all its 800 requests were answered.
+        # Reading the flag and the clock never releases the GIL.
+        sys.setswitchinterval(120)
         try:
-            spin_until = time.monotonic() + 2.0
-            while time.monotonic() < spin_until:
+            flag[0] = 1
+            deadline = time.monotonic() + 90
+            while flag[0] != 2 and time.monotonic() < deadline:
                 pass
-            spun_until = time.time()
         finally:
             sys.setswitchinterval(interval)
-        finished = float(client.stdout.readline())
+        assert flag[0] == 2
         assert client.wait(60) == 0
-        assert finished < spun_until  # its 800 requests were all served during the spin
         assert store.get("count") == b"200"
+
+
+def test_torch_create_c10d_store_worker_joins_our_create_store_server():
+    port = get_free_port()
+    code = (
+        "from torch.distributed.elastic.utils.distributed import create_c10d_store;"
+        f"create_c10d_store(False, '127.0.0.1', {port}, 2, timeout=60).set('from_torch', 'yes')"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], env=torch_env())
+    # Our server waits for both members (init/ and torch's full-rank barrier keys), torch's worker too.
+    store = create_store(True, "127.0.0.1", port, world_size=2, timeout=60)
+    assert worker.wait(60) == 0
+    assert store.get("from_torch") == b"yes"
+    assert store.get("_tcp_store/num_members/num_members") == b"2"
+    store.close()

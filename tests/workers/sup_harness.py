@@ -2,11 +2,12 @@
 
     python sup_harness.py SPEC.json
 
-SPEC: {"nproc", "argv" (each "{rank}" becomes the local rank), "log_dir",
+SPEC: {"nproc", "argv" (each "{rank}" becomes the local rank; or one argv per rank), "log_dir",
 "redirects", "tee", "local_ranks_filter", "prefix_template", "filters_out",
 "filters_err", "shutdown_timeout", "signals", "state"}. Once the workers run,
 "state" gets {"launcher", "workers": {rank: pid}}; at the end, "<state>.exits"
-gets every exit. Exit code: 0, 1 on a failure, 128+signum on a signal.
+gets every exit and the harness's zombie children at that point. Exit code:
+0, 1 on a failure, 128+signum on a signal.
 """
 import json
 import os
@@ -30,8 +31,9 @@ def main(spec_path):
     attempt = logs.attempt("run", 0, "default", {r: r for r in range(nproc)}, spec.get("prefix_template"))
     signals = [signal.Signals[name] for name in spec.get("signals", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")]
     with SignalWatch(signals) as watch:
+        argvs = spec["argv"] if isinstance(spec["argv"][0], list) else [spec["argv"]] * nproc
         workers = [
-            WorkerLaunch(rank, rank, [arg.replace("{rank}", str(rank)) for arg in spec["argv"]],
+            WorkerLaunch(rank, rank, [arg.replace("{rank}", str(rank)) for arg in argvs[rank]],
                          dict(os.environ, RANK=str(rank)), attempt.workers[rank])
             for rank in range(nproc)
         ]
@@ -57,8 +59,19 @@ def main(spec_path):
             elif len(group.exits) == nproc:
                 code = 0
         exits = group.stop()
-        write_json(spec["state"] + ".exits", [vars(e) | {"status": e.status} for e in exits])
+        write_json(spec["state"] + ".exits", {"exits": [vars(e) | {"status": e.status} for e in exits],
+                                              "zombies": zombie_children()})
         return code
+
+
+def zombie_children():
+    zombies = []
+    with open(f"/proc/self/task/{os.getpid()}/children") as f:
+        for pid in f.read().split():
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rpartition(")")[2].split()[0] == "Z":
+                    zombies.append(int(pid))
+    return zombies
 
 
 def write_json(path, value):

@@ -3,12 +3,15 @@
     sup_worker.py DIR ACTION [ARGS]
 
 record SIGS...   handle these signals: append the name to DIR/<rank>.signals, exit 0 at the first
-ignore-term      ignore SIGTERM, then wait forever
-children N       start N `sleep` children in its process group, write their pids to DIR/<rank>.children, wait
+endure SIGS...   the same, but go on waiting
+children N [stubborn|exit]
+                 start N `sleep` children in its process group (stubborn: they ignore SIGTERM), write
+                 their pids to DIR/<rank>.children, then wait (exit: exit 0)
 orphan           start a child that outlives this worker (it exits once the FIFO DIR/release is written), then exit 0
 print N          print N numbered lines and exit 0 (the last one without a newline when DIR is "partial")
+stderr N         write N numbered lines to stderr and exit 1
 segv             kill itself with SIGSEGV
-exit CODE        exit with CODE
+exit CODE [FILE] exit with CODE (once FILE exists)
 wait             wait forever
 Every worker writes DIR/<rank>.ready once set up.
 """
@@ -32,26 +35,28 @@ def forever():
         signal.pause()
 
 
-if action == "record":
+if action in ("record", "endure"):
     def on_signal(signum, frame):
         with open(os.path.join(directory, f"{rank}.signals"), "a") as f:
             f.write(signal.Signals(signum).name + "\n")
-        os._exit(0)
+        if action == "record":
+            os._exit(0)
 
     for name in args:
         signal.signal(signal.Signals[name], on_signal)
     ready()
     forever()
-elif action == "ignore-term":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    ready()
-    forever()
 elif action == "children":
-    children = [subprocess.Popen(["sleep", "1000"]) for _ in range(int(args[0]))]
+    stubborn = "stubborn" in args[1:]
+    children = [
+        subprocess.Popen(["sleep", "1000"], preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN) if stubborn else None)
+        for _ in range(int(args[0]))
+    ]
     with open(os.path.join(directory, f"{rank}.children"), "w") as f:
         f.write(" ".join(str(child.pid) for child in children))
     ready()
-    forever()
+    if "exit" not in args[1:]:
+        forever()
 elif action == "orphan":
     child = subprocess.Popen(["cat", os.path.join(directory, "release")], stdout=subprocess.DEVNULL)
     with open(os.path.join(directory, f"{rank}.orphan"), "w") as f:
@@ -64,10 +69,16 @@ elif action == "print":
     if args[1:] == ["partial"]:
         out.write("no newline at the end")
     out.flush()
+elif action == "stderr":
+    for i in range(int(args[0])):
+        print(f"error line {i}", file=sys.stderr)
+    sys.exit(1)
 elif action == "segv":
     ready()
     os.kill(os.getpid(), signal.SIGSEGV)
 elif action == "exit":
+    while args[1:] and not os.path.exists(args[1]):
+        time.sleep(0.01)
     ready()
     sys.exit(int(args[0]))
 elif action == "wait":

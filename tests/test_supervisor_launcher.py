@@ -1,0 +1,69 @@
+"""Supervision guarantees through the real launcher: ``python -m launcher --standalone``."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import LAUNCHER, REPO, clean_env
+from test_supervisor import WORKER, dead, wait_for
+
+
+def launch(tmp_path, *args, nproc=2):
+    return subprocess.Popen(
+        LAUNCHER + ["--standalone", f"--nproc-per-node={nproc}", *map(str, args)],
+        env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def ready(tmp_path, proc, nproc=2):
+    wait_for(lambda: all((tmp_path / f"{r}.ready").exists() for r in range(nproc)) or proc.poll() is not None,
+             what="the workers to be ready")
+    assert proc.poll() is None, proc.communicate()
+    return [int((tmp_path / f"{r}.ready").read_text()) for r in range(nproc)]
+
+
+def finish(proc, timeout=120):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+def test_sigkilled_launcher_leaves_no_worker_nor_grandchild(tmp_path):
+    proc = launch(tmp_path, WORKER[1], tmp_path, "children", 2, "stubborn")
+    try:
+        processes = ready(tmp_path, proc)
+        for rank in range(2):
+            processes += [int(pid) for pid in (tmp_path / f"{rank}.children").read_text().split()]
+        proc.kill()
+        killed_at = time.monotonic()
+        wait_for(lambda: all(dead(pid) for pid in processes), timeout=10, what="every process to be gone")
+        assert time.monotonic() - killed_at < 2.0
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_handled_signal_is_forwarded_and_the_launcher_exits_128_plus_signum(tmp_path, sig):
+    proc = launch(tmp_path, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                  WORKER[1], tmp_path, "record", sig.name)
+    workers = ready(tmp_path, proc)
+    proc.send_signal(sig)
+    code, _, err = finish(proc)
+    assert code == 128 + sig, err
+    for rank in range(2):
+        assert (tmp_path / f"{rank}.signals").read_text() == f"{sig.name}\n"
+    assert all(dead(pid) for pid in workers)
+
+
+def test_a_segfault_is_reported_with_its_signal_name(tmp_path):
+    proc = launch(tmp_path, "--max-restarts=0", WORKER[1], tmp_path, "segv", nproc=1)
+    code, _, err = finish(proc)
+    assert code == 1
+    assert "SIGSEGV" in err
