@@ -49,11 +49,19 @@ def addr(i: int) -> str:
 
 @pytest.fixture(params=["c10d", "etcd"])
 def rdzv(request):
-    """Makes parameters for one run id on a fresh c10d endpoint or the test etcd."""
+    """Makes parameters for one run id on a fresh c10d endpoint or the test etcd.
+
+    The c10d store lives as long as the test: the nodes are threads of this
+    process, which share one server (multi-tenant) that would otherwise stop
+    with the last handler holding it.
+    """
     backend = request.param
-    endpoint = (
-        f"127.0.0.1:{get_free_port()}" if backend == "c10d" else request.getfixturevalue("etcd_server").endpoint
-    )
+    if backend == "c10d":
+        keeper = TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False)
+        request.addfinalizer(keeper.close)
+        endpoint = f"127.0.0.1:{keeper.port}"
+    else:
+        endpoint = request.getfixturevalue("etcd_server").endpoint
     run_id = f"{request.node.name}-{os.urandom(3).hex()}"
 
     def make(i: int, min_nodes: int, max_nodes: int, job: str = "", **config) -> RendezvousParameters:
