@@ -158,13 +158,17 @@ def floor(n: int) -> dict:
     clients = [_counting(TCPStore, ops)("127.0.0.1", host.port, timeout=TIMEOUT) for _ in range(n)]
 
     def barrier(client):
-        client.append("nodes", json.dumps([uuid.uuid4().hex, "127.0.0.1", 1, "default", 0]).encode() + b"\n")
+        record = json.dumps([uuid.uuid4().hex, "127.0.0.1", 1, "default", 0], separators=(",", ":"))
+        client.append("nodes", record.encode() + b",")
         if client.add("arrived", 1) == n:
             client.set("all", b"")
         client.wait(["all"])
-        return [NodeInfo(addr, size, role) for _, addr, size, role, _ in map(json.loads, client.get("nodes").split())]
+        rows = json.loads(b"[" + client.get("nodes")[:-1] + b"]")  # one parse for all: the cheapest
+        return [NodeInfo(addr, size, role) for _, addr, size, role, _ in rows]
 
-    elapsed, count, _ = _agents_together(clients, barrier, ops)
+    elapsed, count, nodes = _agents_together(clients, barrier, ops)
+    if any(not isinstance(seen, list) or len(seen) != n for seen in nodes):
+        raise RuntimeError(f"floor: an agent did not see every node: {nodes}")
     return {"seconds": elapsed, "ops": count}
 
 
