@@ -38,6 +38,7 @@ from launcher.rendezvous import (
     RendezvousError,
     RendezvousHandler,
     RendezvousParameters,
+    parse_endpoint,
 )
 from launcher.rendezvous.dynamic import DynamicRendezvousHandler, KeyValueBackend, Settings
 from launcher.store import StoreInterrupted
@@ -60,8 +61,6 @@ class Endpoint:
 
 def parse_endpoints(text: str, protocol: str | None) -> list[Endpoint]:
     """``--rdzv-endpoint`` for etcd: comma-separated ``[http(s)://]host[:port]``."""
-    from launcher.rendezvous import parse_endpoint
-
     endpoints = []
     for item in text.split(","):
         item = item.strip()
