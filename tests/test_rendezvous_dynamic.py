@@ -509,3 +509,15 @@ def test_etcd_over_https_with_client_certificates():
             create_handler(params(tls["ca.crt"]))  # no client certificate: etcd refuses the handshake
     finally:
         server.cleanup()
+
+
+def test_etcd_endpoints_are_tried_in_turn(etcd_server):  # noqa: F811
+    dead = f"127.0.0.1:{get_free_port()}"  # nothing listens there
+    handler = create_handler(
+        RendezvousParameters(
+            backend="etcd", endpoint=f"http://{dead},{etcd_server.endpoint}", run_id="failover", min_nodes=1,
+            max_nodes=1, local_world_size=1, local_addr="127.0.0.2", config=FAST,
+        )
+    )
+    assert handler.next_rendezvous().rank == 0
+    handler.shutdown()
