@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 from etcd import EtcdServer, etcd_server, needs_etcd, needs_openssl  # noqa: F401  (etcd_server: a fixture)
@@ -521,3 +522,22 @@ def test_etcd_endpoints_are_tried_in_turn(etcd_server):  # noqa: F811
     )
     assert handler.next_rendezvous().rank == 0
     handler.shutdown()
+
+
+def test_a_node_that_finds_the_job_full_waits_for_a_place_past_its_join_timeout(rdzv, handlers):
+    running = create_handler(rdzv(0, 1, 1))
+    handlers.append(running)
+    running.next_rendezvous()
+    spare = create_handler(rdzv(1, 1, 1, join_timeout=1))
+    handlers.append(spare)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(spare.next_rendezvous)
+        # No place while the job runs at its maximum: no timeout (torch's redundancy
+        # list), and no reason for the running node to restart.
+        assert select.select([running.waiting_fd()], [], [], 20)[0]
+        assert running.num_nodes_waiting() == 0
+        with pytest.raises(FutureTimeout):
+            waiting.result(timeout=3)  # neither done nor timed out, well past its 1 s join timeout
+        running.leave()
+        info = waiting.result(timeout=30)
+    assert (info.rank, len(info.nodes), info.nodes[0].addr) == (0, 1, addr(1))
