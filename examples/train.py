@@ -8,6 +8,7 @@ rank checks that its parameters equal rank 0's and exits 1 if they do not.
     launcher --standalone --nproc-per-node=2 examples/train.py --steps 300
 """
 import argparse
+import gc
 import os
 import sys
 import time
@@ -70,6 +71,10 @@ def main() -> int:
         print(f"parameters identical on all ranks: {in_sync}")
     if not in_sync:
         print(f"rank {rank}: parameters differ from rank 0's (checksum {checksum.item()!r})", file=sys.stderr)
+    # DDP's hooks on the parameters keep the process group alive; if it is still
+    # alive when the interpreter exits, its gloo threads can abort the process.
+    del ddp, optimizer, model, flat
+    gc.collect()
     dist.destroy_process_group()
     return 0 if in_sync else 1
 

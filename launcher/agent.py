@@ -5,7 +5,7 @@ One loop per launcher process (one per node)::
     rendezvous -> ranks -> start the worker group -> wait for an event:
         every worker exited 0          -> exit barrier with the other nodes, done
         a worker failed                -> stop the group; restart while restarts remain, else report
-        a node waits to join (< MAX)   -> stop the group, restart with the larger world
+        a node waits to join           -> stop the group, restart with it
         a handled signal               -> forward it, give the workers the shutdown timeout, exit 128+signum
 
 The agent never polls: it sleeps in the supervisor's event loop, which wakes
@@ -119,7 +119,7 @@ class Agent:
             )
             self._event("workers_started", round=info.round, group_rank=ranks.group_rank, world_size=ranks.world_size)
             group.start()
-            outcome, failed = self._monitor(group, info)
+            outcome, failed = self._monitor(group)
             if outcome == "succeeded":
                 self._event("workers_succeeded", round=info.round)
                 result = RunResult(return_values=self._return_values(attempt_logs, ranks), attempt_dir=attempt_logs.directory)
@@ -139,7 +139,7 @@ class Agent:
                 )
                 remaining_restarts -= 1
             else:
-                log.warning("[%s] a node is waiting to join; restarting with the larger world", self.config.role)
+                log.warning("[%s] a node is waiting to join; restarting the worker group with it", self.config.role)
             self.restart_count += 1
 
     def _rendezvous(self) -> RendezvousInfo:
@@ -152,10 +152,10 @@ class Agent:
         signum = self.signals.read()
         return signal.Signals(signum if signum is not None else signal.SIGTERM)
 
-    def _monitor(self, group: WorkerGroup, info: RendezvousInfo) -> tuple[str, list[WorkerExit]]:
-        """Wait for the group to succeed, fail, or be overtaken by a joining node."""
-        waiting_fd = self.handler.waiting_fd()
-        watch = [waiting_fd] if waiting_fd is not None and len(info.nodes) < self.config.max_nodes else []
+    def _monitor(self, group: WorkerGroup) -> tuple[str, list[WorkerExit]]:
+        """Wait for the group to succeed, fail, or be overtaken by a node waiting to join."""
+        # readable when a node waits to join: a newcomer below MAX, or a member that restarted
+        watch = [self.handler.waiting_fd()]
         while True:
             event = group.wait(watch_fds=watch)
             if event.kind == "exited":
