@@ -27,7 +27,7 @@ from typing import Callable, NoReturn
 
 import launcher
 from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size
-from launcher.rendezvous import BACKENDS, backend_config, parse_rdzv_conf
+from launcher.rendezvous import BACKENDS, backend_config, parse_endpoint, parse_rdzv_conf
 
 log = logging.getLogger("launcher")
 
@@ -192,14 +192,9 @@ def _address_ok(address: str) -> bool:
 
 
 def _endpoint_ok(endpoint: str) -> bool:
-    """``host[:port]``, ``[v6][:port]``, or a comma list of those (etcd), each with an optional http(s)://."""
-    if not endpoint:
-        return True
-    for item in endpoint.split(","):
-        item = re.sub(r"^https?://", "", item.strip())
-        host, port = re.fullmatch(r"(.*?)(?::(\d{1,5}))?", item).groups()
-        if not _host_ok(host) or (port is not None and int(port) > 65535):
-            return False
+    """The rendezvous' ``host[:port]`` syntax, or a comma list of those (etcd), each with an optional http(s)://."""
+    for item in endpoint.split(",") if endpoint else ():
+        parse_endpoint(re.sub(r"^https?://", "", item.strip()), default_port=0)
     return True
 
 
@@ -653,6 +648,9 @@ def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Ca
 
     try:
         launch(config, entrypoint, args)
+    except ValueError as error:  # a value only the launch could check, such as the rendezvous' parameters
+        print(f"{prog}: error: {' '.join(str(error).split())} (see {prog} --help)", file=sys.stderr)
+        sys.exit(2)
     except ChildFailedError as error:
         print(error, file=sys.stderr)
         sys.exit(1)

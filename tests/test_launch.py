@@ -133,3 +133,15 @@ def test_a_line_paused_midway_is_shown_before_its_newline(tmp_path):
         launch.kill()
     assert (shown + rest).decode() == "progress 50% done\n"
     assert launch.returncode == 0
+
+
+def test_a_bad_value_found_during_the_launch_is_one_line_and_exit_2(tmp_path):
+    env = clean_env(CUDA_VISIBLE_DEVICES="0")
+    result = run_launcher(
+        "--standalone", "--nproc-per-node=2", "--virtual-local-rank", f"{WORKERS}/env_dump.py", tmp_path, env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "launcher: error: local rank 1 has no device in CUDA_VISIBLE_DEVICES=0 (see launcher --help)"
+    )
+    assert "Traceback" not in result.stderr

@@ -110,6 +110,7 @@ def test_endpoints(endpoint, default, expected):
         ("", "is empty"),
         ("node1", "has no port"),
         ("[::1", "malformed"),
+        ("::1:29400", "in brackets"),
     ],
 )
 def test_malformed_endpoints(endpoint, says):

@@ -297,8 +297,8 @@ def parse_endpoint(endpoint: str, default_port: int | None, what: str = "--rdzv-
             raise ValueError(f"malformed {what} '{endpoint}'; expected {example}")
     elif text.count(":") == 1:
         host, port_text = text.split(":")
-    elif ":" in text:  # a bare IPv6 address: no port
-        host, port_text = text, None
+    elif ":" in text:  # "::1:29400" could be either: say how to write it
+        raise ValueError(f"{what} '{endpoint}': put an IPv6 address in brackets; expected {example}")
     else:
         host, port_text = text, None
     if not host or not _HOST.match(host):
