@@ -145,3 +145,16 @@ def test_a_bad_value_found_during_the_launch_is_one_line_and_exit_2(tmp_path):
         "launcher: error: local rank 1 has no device in CUDA_VISIBLE_DEVICES=0 (see launcher --help)"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("visible, expected", [(None, ["0", "1"]), ("5,7", ["5", "7"])])
+def test_virtual_local_rank_gives_each_worker_device_0_of_its_own(tmp_path, visible, expected):
+    env = clean_env() if visible is None else clean_env(CUDA_VISIBLE_DEVICES=visible)
+    result = run_launcher(
+        "--standalone", "--nproc-per-node=2", "--virtual-local-rank", f"{WORKERS}/env_dump.py", tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    envs = [json.load(open(tmp_path / f"{rank}.json"))["env"] for rank in range(2)]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "0"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == expected
+    assert [e["RANK"] for e in envs] == ["0", "1"]
