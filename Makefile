@@ -7,6 +7,9 @@ SETUP_STAMP := $(VENV)/.setup-done
 BUILD_STAMP := $(VENV)/.build-done
 NATIVE_SOURCES := $(wildcard _native/*.pyx _native/*.pxd _native/*.h) setup.py
 NPROC ?= auto
+# The single binary: PyInstaller's onefile bootloader and archive (packaging/launcher.spec).
+BINARY := dist/launcher
+BINARY_SOURCES := packaging/launcher.spec packaging/entry.py $(wildcard launcher/*.py launcher/*/*.py)
 
 .PHONY: setup build run test bench binary clean
 
@@ -25,10 +28,18 @@ $(BUILD_STAMP): $(SETUP_STAMP) $(NATIVE_SOURCES)
 
 build: $(BUILD_STAMP)
 
-run: $(BUILD_STAMP)
-	$(BIN)/python -m launcher --standalone --nproc-per-node=$(NPROC) examples/train.py
+# A fixed hash seed and PyInstaller's cache under build/ make the build depend on its inputs only.
+$(BINARY): $(BUILD_STAMP) $(BINARY_SOURCES)
+	PYTHONHASHSEED=0 PYINSTALLER_CONFIG_DIR=build/pyinstaller-config $(BIN)/pyinstaller --noconfirm \
+		--log-level WARN --distpath dist --workpath build/pyinstaller packaging/launcher.spec
 
-test: $(BUILD_STAMP)
+binary: $(BINARY)
+
+# The workers need torch: they run on the virtualenv's Python, the launcher is the binary.
+run: $(BINARY)
+	$(BINARY) --standalone --nproc-per-node=$(NPROC) --python $(BIN)/python examples/train.py
+
+test: $(BUILD_STAMP) $(BINARY)
 	$(BIN)/python -m pytest -q
 
 bench: $(BUILD_STAMP)
