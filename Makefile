@@ -42,7 +42,7 @@ run: $(BINARY)
 test: $(BUILD_STAMP) $(BINARY)
 	$(BIN)/python -m pytest -q
 
-bench: $(BUILD_STAMP)
+bench: $(BUILD_STAMP) $(BINARY)
 	$(BIN)/python -m bench
 
 clean:
