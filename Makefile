@@ -21,9 +21,11 @@ $(SETUP_STAMP): requirements-dev.txt pyproject.toml
 	command -v etcd >/dev/null || ./.ci/install-etcd
 	touch $@
 
-# Editable install: the compiled modules land in launcher/_native/.
+# Editable install: the compiled modules land in launcher/_native/. The checkout's path stays out of their
+# debug info, so that the same sources build the same files (and the same single binary) in any checkout
+# (setuptools adds CPPFLAGS to the C and C++ flags; CFLAGS would replace them).
 $(BUILD_STAMP): $(SETUP_STAMP) $(NATIVE_SOURCES)
-	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	CPPFLAGS="-ffile-prefix-map=$(CURDIR)=." $(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(BUILD_STAMP)
