@@ -4,8 +4,9 @@ The binary is PyInstaller's onefile bootloader, the pid users see: it unpacks
 the bundle into a ``_MEI*`` directory under $TMPDIR and runs the launcher
 there in a child process. Every test runs it as an admin would on a machine
 without pip: with an environment holding nothing but PATH and TMPDIR (as under
-``env -i``), a PATH with bash and sleep only, no Python on it, and torch only
-in the interpreter named by --python for the workers.
+``env -i``), a PATH with bash and sleep only (no Python, unless a test puts
+one there), and torch only in the interpreter named by --python for the
+workers.
 """
 import ctypes
 import fcntl
@@ -33,6 +34,7 @@ WORKERS = os.path.join(REPO, "tests", "workers")
 BASH_WORKER = os.path.join(WORKERS, "bin_worker.sh")
 ALLREDUCE = os.path.join(WORKERS, "bin_allreduce.py")
 RECORD = os.path.join(WORKERS, "cli_record.py")
+INTERPRETER = os.path.join(WORKERS, "bin_interpreter.py")
 TORCH_PYTHON = sys.executable  # the virtualenv's interpreter: it has torch
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
@@ -195,6 +197,16 @@ def test_gloo_all_reduce_on_two_nodes_c10d(bare):
     for rank in range(4):
         assert json.loads((bare.out / f"{rank}.json").read_text())["sum"] == 10.0
     assert bare.unpacked() == []
+
+
+@pytest.mark.parametrize("given", ["nothing", "PYTHON_EXEC"])
+def test_the_worker_interpreter_is_python_exec_else_python3_on_path(bare, given):
+    (bare.path / "python3").symlink_to(TORCH_PYTHON)
+    extra = {"PYTHON_EXEC": TORCH_PYTHON} if given == "PYTHON_EXEC" else {}
+    result = bare.run("--standalone", INTERPRETER, bare.out, env=bare.env(**extra))
+    assert result.returncode == 0, result.stderr
+    expected = TORCH_PYTHON if given == "PYTHON_EXEC" else str(bare.path / "python3")
+    assert (bare.out / "0.python").read_text() == expected
 
 
 def test_a_python_script_without_python_on_path_is_refused_in_one_line(bare):
