@@ -26,6 +26,7 @@ import zipfile
 import pytest
 
 from conftest import REPO
+from etcd import etcd_server  # noqa: F401  (a fixture)
 from launcher.store import get_free_port
 from test_supervisor import my_zombies, state, wait_for
 
@@ -215,6 +216,26 @@ def test_a_python_script_without_python_on_path_is_refused_in_one_line(bare):
     assert result.stderr.splitlines() == [
         "launcher: error: no Python for the workers: python3 and python are not on PATH; give --python PATH "
         "(or --no-python to run a program directly) (see launcher --help)"
+    ]
+    assert bare.unpacked() == []
+
+
+def test_an_etcd_rendezvous_over_http(bare, etcd_server):
+    result = bare.run("--rdzv-backend=etcd", f"--rdzv-endpoint={etcd_server.endpoint}", f"--rdzv-id={uuid.uuid4().hex}",
+                      "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "record")
+    assert result.returncode == 0, result.stderr
+    assert [read_env(bare.out / f"{rank}.env")["RANK"] for rank in range(2)] == ["0", "1"]
+    assert bare.unpacked() == []
+
+
+def test_https_etcd_endpoints_are_refused_in_one_line(bare):
+    """The binary carries no TLS (see packaging/launcher.spec)."""
+    result = bare.run("--rdzv-backend=etcd", "--rdzv-endpoint=https://127.0.0.1:2379", "--rdzv-id=tls",
+                      "--no-python", BASH_WORKER, bare.out, "exit", 0)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "launcher: error: https etcd endpoints need TLS, which this launcher does not carry: run `python -m launcher` "
+        "from a Python installation for them"
     ]
     assert bare.unpacked() == []
 
