@@ -7,6 +7,9 @@ SETUP_STAMP := $(VENV)/.setup-done
 BUILD_STAMP := $(VENV)/.build-done
 NATIVE_SOURCES := $(wildcard _native/*.pyx _native/*.pxd _native/*.h) setup.py
 NPROC ?= auto
+# The single binary: PyInstaller's onefile bootloader and archive (packaging/launcher.spec).
+BINARY := dist/launcher
+BINARY_SOURCES := packaging/launcher.spec packaging/entry.py $(wildcard launcher/*.py launcher/*/*.py)
 
 .PHONY: setup build run test bench binary clean
 
@@ -18,20 +21,30 @@ $(SETUP_STAMP): requirements-dev.txt pyproject.toml
 	command -v etcd >/dev/null || ./.ci/install-etcd
 	touch $@
 
-# Editable install: the compiled modules land in launcher/_native/.
+# Editable install: the compiled modules land in launcher/_native/. The checkout's path stays out of their
+# debug info, so that the same sources build the same files (and the same single binary) in any checkout
+# (setuptools adds CPPFLAGS to the C and C++ flags; CFLAGS would replace them).
 $(BUILD_STAMP): $(SETUP_STAMP) $(NATIVE_SOURCES)
-	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	CPPFLAGS="-ffile-prefix-map=$(CURDIR)=." $(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(BUILD_STAMP)
 
-run: $(BUILD_STAMP)
-	$(BIN)/python -m launcher --standalone --nproc-per-node=$(NPROC) examples/train.py
+# A fixed hash seed and PyInstaller's cache under build/ make the build depend on its inputs only.
+$(BINARY): $(BUILD_STAMP) $(BINARY_SOURCES)
+	PYTHONHASHSEED=0 PYINSTALLER_CONFIG_DIR=build/pyinstaller-config $(BIN)/pyinstaller --noconfirm \
+		--log-level WARN --distpath dist --workpath build/pyinstaller packaging/launcher.spec
 
-test: $(BUILD_STAMP)
+binary: $(BINARY)
+
+# The workers need torch: they run on the virtualenv's Python, the launcher is the binary.
+run: $(BINARY)
+	$(BINARY) --standalone --nproc-per-node=$(NPROC) --python $(BIN)/python examples/train.py
+
+test: $(BUILD_STAMP) $(BINARY)
 	$(BIN)/python -m pytest -q
 
-bench: $(BUILD_STAMP)
+bench: $(BUILD_STAMP) $(BINARY)
 	$(BIN)/python -m bench
 
 clean:

@@ -4,6 +4,7 @@
     launcher [options] -m package.module [args]     # <python> -u -m package.module args
     launcher [options] --no-python program [args]   # program args
     launcher [options] --run-path script.py [args]  # runpy.run_path in <python>
+    launcher --legacy-launch [options] script.py    # torch.distributed.launch (launcher.launch)
 
 Every option also reads its default from ``PET_<NAME>`` (``PET_NPROC_PER_NODE``,
 ``PET_NO_PYTHON=1``), as torchrun's do. Only argparse and the standard
@@ -275,6 +276,10 @@ Each option also takes its default from PET_<OPTION> (PET_NNODES, PET_NO_PYTHON=
 ...). The worker interpreter is --python, else $PYTHON_EXEC, else the Python
 running the launcher (the frozen binary: python3, then python, on PATH).
 Under srun, --nnodes, the rendezvous and --rdzv-id default from Slurm.
+
+launcher --legacy-launch [options] ... (as the first argument) is the legacy
+torch.distributed.launch front-end instead: the same options plus --use-env,
+as python -m launcher.launch.
 """
 
 EPILOG = """\
@@ -662,6 +667,17 @@ def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Ca
     sys.exit(0)
 
 
+LEGACY_LAUNCH = "--legacy-launch"
+
+
 def main_entry() -> NoReturn:
-    """The ``launcher`` console script and ``python -m launcher``."""
+    """The ``launcher`` console script and ``python -m launcher``; ``--legacy-launch`` first: ``launcher.launch``'s.
+
+    The dispatch lets the single binary, which runs no ``-m``, be torch.distributed.launch too.
+    """
+    if sys.argv[1:2] == [LEGACY_LAUNCH]:
+        from launcher import launch
+
+        del sys.argv[1]  # the rest is the legacy launcher's command line
+        launch.main_entry(prog=f"launcher {LEGACY_LAUNCH}")
     console_main("launcher", parse_args, prepare_launch)

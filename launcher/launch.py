@@ -18,8 +18,8 @@ log = logging.getLogger("launcher")
 PROG = "python -m launcher.launch"
 
 
-def get_args_parser() -> ArgumentParser:
-    parser = cli.get_args_parser(prog=PROG)
+def get_args_parser(prog: str = PROG) -> ArgumentParser:
+    parser = cli.get_args_parser(prog=prog)
     parser.add_argument(
         "--use-env",
         "--use_env",
@@ -54,8 +54,9 @@ def main(args: list[str] | None = None) -> None:
     launch(parse_args(args))
 
 
-def main_entry() -> NoReturn:
-    cli.console_main(PROG, parse_args, prepare_launch)
+def main_entry(prog: str = PROG) -> NoReturn:
+    """The command line; ``prog`` names it in usage and errors (``launcher --legacy-launch`` for the binary)."""
+    cli.console_main(prog, get_args_parser(prog).parse_args, prepare_launch)
 
 
 if __name__ == "__main__":

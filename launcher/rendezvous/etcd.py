@@ -4,7 +4,8 @@ etcd is spoken through its v3 HTTP/JSON gateway (``/v3/...``, etcd >= 3.4)
 with the standard library only: a small HTTP/1.1 client whose every wait is a
 select() on the socket and the interrupt fd, so the agent's signal ends any
 call at once, and whose calls fail over between the listed endpoints until
-``read_timeout`` has passed.
+``read_timeout`` has passed. ``ssl`` is imported for https endpoints only:
+the single binary (dist/launcher) carries no TLS library.
 
 Keys, below ``<etcd_prefix>/<run id>/``::
 
@@ -27,7 +28,6 @@ import math
 import os
 import select
 import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -111,6 +111,9 @@ class _Connection:
         self.endpoint = endpoint
         self._interrupt_fd = interrupt_fd
         self._buffer = b""
+        # What a non-blocking call raises while it must wait to read or to write.
+        self._wait_to_read: tuple[type[BaseException], ...] = (BlockingIOError,)
+        self._wait_to_write: tuple[type[BaseException], ...] = ()
         family, kind, proto, _, address = socket.getaddrinfo(
             endpoint.host, endpoint.port, type=socket.SOCK_STREAM
         )[0]
@@ -127,6 +130,10 @@ class _Connection:
             if code:
                 raise OSError(code, os.strerror(code))
             if context is not None:
+                import ssl
+
+                self._wait_to_read = (ssl.SSLWantReadError, BlockingIOError)
+                self._wait_to_write = (ssl.SSLWantWriteError,)
                 self._sock = context.wrap_socket(
                     sock, server_hostname=endpoint.host, do_handshake_on_connect=False
                 )
@@ -156,9 +163,9 @@ class _Connection:
         while True:
             try:
                 return operation(*args)
-            except (ssl.SSLWantReadError, BlockingIOError):
+            except self._wait_to_read:
                 self._select(write=False, deadline=deadline)
-            except ssl.SSLWantWriteError:
+            except self._wait_to_write:
                 self._select(write=True, deadline=deadline)
 
     def send(self, data: bytes, deadline: float) -> None:
@@ -271,9 +278,9 @@ class EtcdClient:
                 if headers.get("connection", "").lower() == "close":
                     self.close()
                 return self._answer(status, data)
-            except (OSError, ConnectionError, TimeoutError, ssl.SSLError, ValueError) as exc:
+            except (OSError, ConnectionError, TimeoutError, ValueError) as exc:  # ssl.SSLError is an OSError
                 self.close()
-                if isinstance(exc, ssl.SSLCertVerificationError):
+                if self._context is not None and _tls_verification_failed(exc):
                     raise RendezvousConnectionError(f"{self.where()}: TLS verification failed: {exc}") from None
                 self._next += 1
                 elapsed = time.monotonic() - started
@@ -540,8 +547,21 @@ class EtcdBackend(KeyValueBackend):
         self._client.close()
 
 
+def _tls_verification_failed(error: BaseException) -> bool:
+    import ssl  # loaded with the TLS context
+
+    return isinstance(error, ssl.SSLCertVerificationError)
+
+
 def ssl_context(config: dict[str, Any]) -> ssl.SSLContext | None:
     """The TLS settings for https endpoints (cacert, cert, key)."""
+    try:
+        import ssl
+    except ImportError:  # a Python without TLS: the single binary
+        raise RendezvousError(
+            "https etcd endpoints need TLS, which this launcher does not carry: run `python -m launcher` "
+            "from a Python installation for them"
+        ) from None
     for name in ("cacert", "cert", "key"):
         path = config[name]
         if path is not None and not os.path.isfile(path):
