@@ -98,16 +98,25 @@ static void launcher_report_and_exit(int report_fd, int stage) {
     _exit(127);
 }
 
+/* The kernel's struct sigaction (the generic layout: x86_64, aarch64, riscv64). */
+struct launcher_kernel_sigaction {
+    void (*handler)(int);
+    unsigned long flags;
+    void (*restorer)(void);
+    unsigned long mask;
+};
+
 /* Reset what a child must not inherit: the launcher blocks the signals it
- * reads from signalfds and Python ignores SIGPIPE. */
+ * reads from signalfds, Python ignores SIGPIPE, and GNU make starts its
+ * commands with the C library's reserved signals (32, 33) ignored -- which
+ * sigaction(3) refuses to touch, so the system call does it. */
 static int launcher_default_signals(void) {
-    struct sigaction dfl;
+    struct launcher_kernel_sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
+    dfl.handler = SIG_DFL;
     for (int sig = 1; sig < NSIG; sig++) {
         if (sig == SIGKILL || sig == SIGSTOP) continue;
-        /* EINVAL: a signal number the C library reserves for itself */
-        if (sigaction(sig, &dfl, NULL) != 0 && errno != EINVAL) return -1;
+        if (syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof dfl.mask) != 0) return -1;
     }
     sigset_t none;
     sigemptyset(&none);
