@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from launcher import rendezvous
+from launcher import LOCAL_RANK_MACRO, rendezvous
 from launcher.api import LaunchConfig
 from launcher.errors import ERROR_FILE_ENV, Failure, SignalException
 from launcher.logs import AttemptLogs
@@ -34,7 +34,6 @@ from launcher.supervisor import SignalWatch, WorkerExit, WorkerGroup, WorkerLaun
 
 log = logging.getLogger("launcher")
 
-LOCAL_RANK_MACRO = "${local_rank}"
 EXIT_BARRIER_TIMEOUT = 300.0
 
 

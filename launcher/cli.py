@@ -35,7 +35,6 @@ log = logging.getLogger("launcher")
 START_METHODS = ("spawn", "fork", "forkserver")
 EVENT_LOG_HANDLERS = ("null", "console")
 DEFAULT_MASTER_PORT = 29500
-LOCAL_RANK_MACRO = "${local_rank}"  # the agent puts each worker's local rank in its place
 # --run-path: the worker interpreter runs the script with runpy.run_path, needing nothing of ours.
 RUN_PATH_CODE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
@@ -509,7 +508,7 @@ def worker_command(args: Namespace) -> tuple[str, list[str]]:
         cmd_args = ["-u", "-m", args.training_script] if args.module else ["-u", args.training_script]
         entrypoint = worker_python(args.python)
     if not getattr(args, "use_env", True):  # torch's get_use_env: torchrun's arguments have no use_env
-        cmd_args.append(f"--local-rank={LOCAL_RANK_MACRO}")
+        cmd_args.append(f"--local-rank={launcher.LOCAL_RANK_MACRO}")
     return entrypoint, cmd_args + list(args.training_script_args)
 
 

@@ -28,9 +28,10 @@ import re
 from argparse import Namespace
 from collections.abc import Mapping
 
+from launcher.rendezvous import C10D_DEFAULT_PORT
+
 log = logging.getLogger("launcher")
 
-C10D_DEFAULT_PORT = 29400
 
 _HOST_TEXT = re.compile(r"[A-Za-z0-9._-]*")
 _RANGE = re.compile(r"(\d+)(?:-(\d+))?")

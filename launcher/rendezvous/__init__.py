@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 BACKENDS = ("c10d", "etcd", "static")
+C10D_DEFAULT_PORT = 29400  # torchrun's, for a c10d endpoint given without a port
 
 # Wire prefix of every key the agents (not the workers) keep in the workers'
 # store: the static backend clears everything else between rounds.

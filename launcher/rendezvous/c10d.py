@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable
 
 from launcher.rendezvous import (
+    C10D_DEFAULT_PORT,
     RendezvousConnectionError,
     RendezvousHandler,
     RendezvousParameters,
@@ -30,7 +31,6 @@ from launcher.rendezvous import (
 from launcher.rendezvous.dynamic import DynamicRendezvousHandler, KeyValueBackend, Settings
 from launcher.store import DistError, DistNetworkError, DistStoreError, StoreInterrupted, TCPStore
 
-DEFAULT_PORT = 29400
 LEFT = b"left"
 # compare_set with an expected value no key holds reads without waiting, in one
 # round trip: it returns the value, or (torch's rule) this very value for a missing key.
@@ -144,7 +144,7 @@ def _is_this_machine(host: str) -> bool:
 
 
 def create_c10d_handler(params: RendezvousParameters, config: dict[str, Any]) -> RendezvousHandler:
-    host, port = parse_endpoint(params.endpoint or "localhost", DEFAULT_PORT)
+    host, port = parse_endpoint(params.endpoint or "localhost", C10D_DEFAULT_PORT)
     settings = Settings.from_config(params, config)
     is_host = config["is_host"] if config["is_host"] is not None else _is_this_machine(host)
     owned = []
