@@ -337,7 +337,9 @@ def test_workers_start_clean(tmp_path):
     assert seen["cwd"] == str(tmp_path) and seen["cpus"] == [0]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/numa_maps"), reason="this kernel has no NUMA support (no /proc/self/numa_maps)")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/numa_maps"), reason="this kernel has no NUMA support (no /proc/self/numa_maps)"
+)
 def test_memory_binding_is_applied(tmp_path):
     script = "print(open('/proc/self/numa_maps').read())"
     group, attempt = in_process_group(tmp_path, [[sys.executable, "-c", script]], redirects=Std.OUT, mem_nodes={0})
