@@ -158,3 +158,45 @@ def test_virtual_local_rank_gives_each_worker_device_0_of_its_own(tmp_path, visi
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "0"]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == expected
     assert [e["RANK"] for e in envs] == ["0", "1"]
+
+
+def test_redirect_tee_prefix_template_and_log_layout(tmp_path):
+    """torch's test_capture_logs_using_default_logs_specs, plus where the files go."""
+    env = clean_env(TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE="[rank${rank}]: ")
+    result = run_launcher(
+        "--standalone", "--nproc-per-node=4", "--redirects=3", "--tee=3", f"--log-dir={tmp_path}",
+        "--duplicate-stdout-filters=apple", "--no-python", f"{WORKERS}/chatter.sh", env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    for rank in range(4):
+        assert f"[rank{rank}]: creating rank {rank}\n" in result.stdout
+        assert f"[rank{rank}]: complaint from rank {rank}\n" in result.stderr
+    [attempt] = glob.glob(str(tmp_path / "*" / "attempt_0"))
+    for rank in range(4):
+        assert open(f"{attempt}/{rank}/stdout.log").read() == f"creating rank {rank}\napple from rank {rank}\n"
+        assert open(f"{attempt}/{rank}/stderr.log").read() == f"complaint from rank {rank}\n"
+    filtered = open(f"{attempt}/filtered_stdout.log").read().splitlines()
+    assert sorted(filtered) == [f"[rank{rank}]: apple from rank {rank}" for rank in range(4)]
+
+
+def test_local_ranks_filter_shows_only_those_ranks_and_still_writes_every_file(tmp_path):
+    result = run_launcher(
+        "--standalone", "--nproc-per-node=3", "--tee=1", "--local-ranks-filter=0,2", f"--log-dir={tmp_path}",
+        "--no-python", f"{WORKERS}/chatter.sh",
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(line for line in result.stdout.splitlines() if "creating" in line) == [
+        "[default0]:creating rank 0", "[default2]:creating rank 2"]
+    assert "complaint from rank 1" not in result.stderr
+    [attempt] = glob.glob(str(tmp_path / "*" / "attempt_0"))
+    assert open(f"{attempt}/1/stdout.log").read().startswith("creating rank 1\n")
+
+
+def test_torch_record_traceback_is_the_root_cause_in_the_summary():
+    result = run_launcher("--standalone", "--nproc-per-node=2", f"{WORKERS}/err_torch_record.py", "raise")
+    assert result.returncode == 1
+    summary = result.stderr[result.stderr.index("Root Cause"):]
+    assert "error_file: " in summary and "/attempt_0/" in summary
+    assert "traceback : Traceback (most recent call last):" in summary
+    assert "in load_batch" in summary and "ValueError: rank failed: bad batch" in summary
+    assert "launcher/agent.py" not in result.stderr  # no launcher traceback
