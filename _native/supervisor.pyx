@@ -4,12 +4,13 @@ One epoll loop, entered with the GIL released, wakes on whatever happens:
 a worker's exit (its pidfd), its output (its pipes), a handled signal (the
 SignalWatch's signalfd), an adopted orphan's exit (a SIGCHLD signalfd), the
 console becoming writable again, or a descriptor the caller watches. Nothing
-is polled on a timer.
+is polled on a timer. On kernels without pidfd_open (before Linux 5.3), the
+SIGCHLD signalfd reports the workers' exits too.
 
 Lines are the unit of routing: a line goes whole to the console (prefixed
 when teed) and to the duplicate-filter file; files get the bytes as written.
 """
-from libc.errno cimport errno, EAGAIN, EINTR, ECHILD, EPERM, EPIPE, ESRCH
+from libc.errno cimport errno, EAGAIN, EINTR, ECHILD, ENOSYS, EPERM, EPIPE, ESRCH
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memset, strerror
@@ -32,6 +33,7 @@ from linux cimport (CLD_DUMPED, CLD_EXITED, CLD_KILLED, CPU_ALLOC, CPU_ALLOC_SIZ
                     launcher_pidfd_open, pipe2, poll, pollfd, prctl, pthread_kill, pthread_self, pthread_sigmask,
                     pthread_t, signalfd, signalfd_siginfo)
 
+import logging
 import os
 import threading
 
@@ -117,6 +119,12 @@ cdef enum Until:
 
 cdef inline uint64_t tagged(int source, uint32_t index) noexcept nogil:
     return (<uint64_t>source << 32) | index
+
+
+# The kernel has no pidfd_open (before Linux 5.3): a worker's exit is noticed
+# through SIGCHLD instead, and waited for by pid, which is safe because a
+# worker stays a zombie (its pid taken) until its group ends.
+cdef bint pidfd_missing = False
 
 
 cdef double now(int clock) noexcept nogil:
@@ -673,14 +681,18 @@ cdef class Supervisor:
             worker.pid = pid
             # The guardian first: from here on the group dies with the launcher.
             self._guardian(LAUNCHER_GUARDIAN_ADD, pid)
-            worker.pidfd = launcher_pidfd_open(pid, 0)
-            if worker.pidfd < 0:
-                error = errno
-                kill(pid, SIGKILL)
-                waitpid(pid, NULL, 0)
-                raise _os_error(error, what="pidfd_open")
+            if not pidfd_missing:
+                worker.pidfd = launcher_pidfd_open(pid, 0)
+                if worker.pidfd < 0:
+                    error = errno
+                    if error != ENOSYS:
+                        kill(pid, SIGKILL)
+                        waitpid(pid, NULL, 0)
+                        raise _os_error(error, what="pidfd_open")
+                    _use_sigchld_for_exits()
             self.workers.append(worker)
-            epoll_set(self.epfd, EPOLL_CTL_ADD, worker.pidfd, EPOLLIN, tagged(SOURCE_PIDFD, index))
+            if worker.pidfd >= 0:
+                epoll_set(self.epfd, EPOLL_CTL_ADD, worker.pidfd, EPOLLIN, tagged(SOURCE_PIDFD, index))
             parent_ends.clear()
             for s in worker.streams:
                 stream = <_Stream>s
@@ -873,7 +885,7 @@ cdef class Supervisor:
         """Record a worker's exit; it stays a zombie, keeping its process group id taken, until the group ends."""
         cdef siginfo_t info
         memset(&info, 0, sizeof(info))
-        if launcher_waitid_pidfd(worker.pidfd, &info, WEXITED | WNOHANG | WNOWAIT) < 0:
+        if waitid_worker(worker, &info, WEXITED | WNOHANG | WNOWAIT) < 0:
             raise _os_error(errno, what="waitid")
         if info.si_pid == 0:
             return 0
@@ -881,7 +893,8 @@ cdef class Supervisor:
         worker.exited = True
         worker.code = info.si_code
         worker.status = info.si_status
-        epoll_set(self.epfd, EPOLL_CTL_DEL, worker.pidfd, 0, 0)
+        if worker.pidfd >= 0:
+            epoll_set(self.epfd, EPOLL_CTL_DEL, worker.pidfd, 0, 0)
         # What it wrote before it died is already in its pipes.
         for stream in worker.streams:
             self._drain(stream, 1 << 30)
@@ -909,6 +922,10 @@ cdef class Supervisor:
         cdef signalfd_siginfo info
         while read(self.children_fd, &info, sizeof(info)) == sizeof(info):
             pass
+        if pidfd_missing:  # one SIGCHLD may stand for several exits
+            for w in self.workers:
+                if not (<_Worker>w).exited:
+                    self._check_exit(w)
         self._reap_adopted()
         return 0
 
@@ -1014,11 +1031,12 @@ cdef class Supervisor:
                 continue
             if not worker.exited:  # stuck in the kernel past every deadline: leave it to the guardian
                 continue
-            if launcher_waitid_pidfd(worker.pidfd, &info, WEXITED) < 0:
+            if waitid_worker(worker, &info, WEXITED) < 0:
                 raise _os_error(errno, what="waitid")
             worker.reaped = True
-            close(worker.pidfd)
-            worker.pidfd = -1
+            if worker.pidfd >= 0:
+                close(worker.pidfd)
+                worker.pidfd = -1
             self._guardian(LAUNCHER_GUARDIAN_FORGET, worker.pid)
         self._reap_adopted()
         return 0
@@ -1111,6 +1129,20 @@ cdef class Supervisor:
             close(self.children_fd)
         if self.guardian_fd >= 0:
             close(self.guardian_fd)
+
+
+cdef int waitid_worker(_Worker worker, siginfo_t *info, int options) noexcept:
+    if worker.pidfd >= 0:
+        return launcher_waitid_pidfd(worker.pidfd, info, options)
+    return waitid(P_PID, worker.pid, info, options)
+
+
+def _use_sigchld_for_exits():
+    global pidfd_missing
+    pidfd_missing = True
+    logging.getLogger("launcher").warning(
+        "this kernel has no pidfd_open (Linux < 5.3): worker exits are detected through SIGCHLD"
+    )
 
 
 cdef int fcntl_nonblock(int fd) noexcept nogil:

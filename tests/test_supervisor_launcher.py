@@ -1,13 +1,17 @@
 """Supervision guarantees through the real launcher: ``python -m launcher --standalone``."""
 import os
+import platform
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 from conftest import LAUNCHER, REPO, clean_env
 from test_supervisor import WORKER, dead, wait_for
+
+WORKERS = os.path.join(REPO, "tests", "workers")
 
 
 def launch(tmp_path, *args, nproc=2):
@@ -67,3 +71,20 @@ def test_a_segfault_is_reported_with_its_signal_name(tmp_path):
     code, _, err = finish(proc)
     assert code == 1
     assert "SIGSEGV" in err
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter that hides pidfd_open is x86_64's")
+@pytest.mark.parametrize("fail", [False, True])
+def test_without_pidfd_open_exits_are_seen_through_sigchld(tmp_path, fail):
+    args = [f"{WORKERS}/env_dump.py", str(tmp_path)] + (["--fail-rank=1", "--exit-code=5"] if fail else [])
+    result = subprocess.run(
+        [sys.executable, f"{WORKERS}/sup_no_pidfd.py", *LAUNCHER, "--standalone", "--nproc-per-node=3", *args],
+        capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=120,
+    )
+    assert "worker exits are detected through SIGCHLD" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["0.json", "1.json", "2.json"]
+    if fail:
+        assert result.returncode == 1
+        assert "exitcode  : 5" in result.stderr and "rank      : 1 (local_rank: 1)" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
