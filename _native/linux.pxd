@@ -146,6 +146,9 @@ cdef extern from "<pthread.h>" nogil:
 
 # --- sockets --------------------------------------------------------------
 
+cdef extern from "<sys/random.h>" nogil:
+    ssize_t getrandom(void *buf, size_t buflen, unsigned int flags)
+
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef uint32_t socklen_t
     ctypedef unsigned short sa_family_t

@@ -38,7 +38,7 @@ from libcpp.vector cimport vector
 from posix.fcntl cimport O_CLOEXEC as FCNTL_O_CLOEXEC, O_RDONLY, open as c_open
 from posix.resource cimport RLIMIT_NOFILE, getrlimit, rlimit, setrlimit
 from posix.signal cimport SIG_SETMASK, sigfillset
-from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, nanosleep, timespec
 from posix.unistd cimport close, getpid, read, write
 
 from linux cimport (AF_INET, AF_INET6, AF_UNSPEC, AI_PASSIVE, EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC,
@@ -47,7 +47,7 @@ from linux cimport (AF_INET, AF_INET6, AF_UNSPEC, AI_PASSIVE, EFD_CLOEXEC, EFD_N
                     POLLIN, POLLNVAL, POLLOUT, SO_ERROR, SO_REUSEADDR,
                     SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, SOMAXCONN, TCP_NODELAY, accept4,
                     addrinfo, bind, connect, epoll_create1, epoll_ctl, epoll_event, epoll_wait, eventfd,
-                    freeaddrinfo, gai_strerror, getaddrinfo, getsockname, getsockopt, htole32, htole64,
+                    freeaddrinfo, gai_strerror, getaddrinfo, getrandom, getsockname, getsockopt, htole32, htole64,
                     htons, inet_ntop, le32toh, le64toh, listen, ntohs, poll, pollfd, pthread_create,
                     pthread_join, pthread_setname_np, pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock,
                     pthread_mutex_t, pthread_mutex_unlock, pthread_sigmask, pthread_t, recv, send,
@@ -112,6 +112,8 @@ cdef enum:
     ACCEPT_BUDGET = 64
     MAX_EVENTS = 256
     SWEEP_INTERVAL_MS = 1000
+    LISTEN_RACE_ATTEMPTS = 50  # see open_listener
+    LISTEN_RACE_PAUSE_NS = 10 * 1000 * 1000
 
 cdef enum Parse:
     PARSE_INVALID = -1
@@ -1119,6 +1121,42 @@ cdef int bound_port(int fd) noexcept nogil:
     return ntohs((<sockaddr_in *>&addr).sin_port)
 
 
+cdef int open_listener(const addrinfo *ai, const sockaddr_storage *addr, bint v6only) noexcept nogil:
+    """A listening socket on addr, or -errno.
+
+    Two servers that bind one port at the same moment can both fail to listen: SO_REUSEADDR
+    lets both bind, then each listen finds the other bound. Retried after a random pause,
+    such a race has one winner, and the others fail to bind: someone listens there.
+    """
+    cdef int fd, saved, one = 1
+    cdef uint32_t pause_ns
+    cdef timespec pause
+    for _ in range(LISTEN_RACE_ATTEMPTS):
+        fd = socket(ai.ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, ai.ai_protocol)
+        if fd < 0:
+            return -errno
+        # SO_REUSEADDR: a restarted launcher can listen again while old connections linger in TIME_WAIT.
+        # IPV6_V6ONLY: with an IPv4 address in the list as well, an IPv6 wildcard must not claim IPv4 too.
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0
+                or (v6only and setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
+                or bind(fd, <const sockaddr *>addr, ai.ai_addrlen) != 0):
+            saved = errno
+            close(fd)
+            return -saved
+        if listen(fd, SOMAXCONN) == 0:
+            return fd
+        saved = errno
+        close(fd)
+        if saved != EADDRINUSE:
+            return -saved
+        if getrandom(&pause_ns, sizeof(pause_ns), 0) != sizeof(pause_ns):
+            pause_ns = <uint32_t>getpid()  # no entropy: the pids still differ
+        pause.tv_sec = 0
+        pause.tv_nsec = pause_ns % LISTEN_RACE_PAUSE_NS
+        nanosleep(&pause, NULL)
+    return -EADDRINUSE
+
+
 cdef int bind_listeners(Loop *L, const char *host, int port, string *error, int *code) noexcept nogil:
     """Listen on every address host resolves to, all on one port (port 0: the kernel picks
     it for the first address). Returns the port, or -1 with error (and code: errno or 0)."""
@@ -1126,7 +1164,7 @@ cdef int bind_listeners(Loop *L, const char *host, int port, string *error, int 
     cdef addrinfo *found = NULL
     cdef addrinfo *ai
     cdef char service[8]
-    cdef int fd, rc, one = 1, skipped = EADDRNOTAVAIL
+    cdef int fd, rc, skipped = EADDRNOTAVAIL
     cdef bint has_ipv4 = False
     cdef sockaddr_storage addr
     cdef vector[string] bound
@@ -1153,17 +1191,9 @@ cdef int bind_listeners(Loop *L, const char *host, int port, string *error, int 
         if any_equal(bound, this_addr):  # the same address listed twice (/etc/hosts)
             ai = ai.ai_next
             continue
-        fd = socket(ai.ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, ai.ai_protocol)
-        # SO_REUSEADDR: a restarted launcher can listen again while old connections linger in TIME_WAIT.
-        # IPV6_V6ONLY: with an IPv4 address in the list as well, an IPv6 wildcard must not claim IPv4 too.
-        if (fd < 0 or setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0
-                or (ai.ai_family == AF_INET6 and has_ipv4
-                    and setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
-                or bind(fd, <sockaddr *>&addr, ai.ai_addrlen) != 0
-                or listen(fd, SOMAXCONN) != 0):
-            rc = errno
-            if fd >= 0:
-                close(fd)
+        fd = open_listener(ai, &addr, ai.ai_family == AF_INET6 and has_ipv4)
+        if fd < 0:
+            rc = -fd
             if rc == EADDRNOTAVAIL or rc == EAFNOSUPPORT:  # e.g. ::1 on a host without IPv6
                 skipped = rc
                 ai = ai.ai_next

@@ -42,8 +42,8 @@ def wire(key):
     return struct.pack("<Q", len(key)) + key
 
 
-def raw_connection(port):
-    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+def raw_connection(port, host="127.0.0.1"):
+    conn = socket.create_connection((host, port), timeout=30)
     conn.sendall(b"\x00" + MAGIC)
     return conn
 
@@ -367,6 +367,47 @@ def test_binds_only_the_address_asked():
         ping(raw_connection(server.port))
     finally:
         server.close()
+
+
+CONTENDER = """
+import sys, time
+from launcher.store import DistNetworkError, StoreServer
+print("ready", flush=True)
+start = float(sys.stdin.readline())
+while time.monotonic() < start:  # spin: every contender is on a CPU when the moment comes
+    pass
+try:
+    server = StoreServer("127.0.0.2", int(sys.argv[1]))
+    print("listening", flush=True)
+    sys.stdin.read()  # until the test has checked
+except DistNetworkError as exc:
+    print(exc, flush=True)
+"""
+
+
+def test_servers_racing_for_one_port_leave_exactly_one_listening():
+    # How c10d agents on one machine find their host: each tries to serve the endpoint at once.
+    # Both bind (SO_REUSEADDR) and each listen then fails on the other: without a retry, nobody serves.
+    for _ in range(30):
+        port = get_free_port()
+        contenders = [
+            subprocess.Popen([sys.executable, "-c", CONTENDER, str(port)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        try:
+            assert [c.stdout.readline() for c in contenders] == ["ready\n"] * 2
+            start = time.monotonic() + 0.05
+            for c in contenders:
+                c.stdin.write(f"{start}\n")
+                c.stdin.flush()
+            answers = sorted(c.stdout.readline() for c in contenders)
+            assert answers[1] == "listening\n" and "Address already in use" in answers[0], answers
+            ping(raw_connection(port, "127.0.0.2"))
+        finally:
+            for c in contenders:
+                c.stdin.close()
+                c.wait(30)
 
 
 def has_ipv6_loopback() -> bool:
