@@ -143,13 +143,15 @@ def test_torch_record_traceback_appears_in_summary(runs):
     assert "stderr" not in summary
 
 
+def raw_error_file(run):
+    with open(run.error_file) as fp:
+        return json.load(fp)
+
+
 def test_launcher_record_writes_what_torch_record_writes(runs):
     ours, torch = runs["ours"]["raise"], runs["torch"]["raise"]
     assert ours.returncode == torch.returncode == 1
-    with open(ours.error_file) as fp:
-        ours_raw = json.load(fp)
-    with open(torch.error_file) as fp:
-        torch_raw = json.load(fp)
+    ours_raw, torch_raw = raw_error_file(ours), raw_error_file(torch)
     assert shape(ours_raw) == shape(torch_raw)
     assert ours_raw["message"]["message"] == torch_raw["message"]["message"] == "ValueError: rank failed: bad batch"
     assert re.fullmatch(r"\d+", ours_raw["message"]["extraInfo"]["timestamp"])
@@ -180,10 +182,7 @@ def test_record_handles_system_exit_like_torch(runs, scenario):
 def test_record_passes_a_child_failure_up_like_torch(runs):
     ours, torch = runs["ours"]["child"], runs["torch"]["child"]
     assert ours.returncode == torch.returncode == 1
-    with open(ours.error_file) as fp:
-        ours_raw = json.load(fp)
-    with open(torch.error_file) as fp:
-        torch_raw = json.load(fp)
+    ours_raw, torch_raw = raw_error_file(ours), raw_error_file(torch)
     assert ours_raw == torch_raw
     assert ours_raw["message"]["errorCode"] == -11
     record = read_error_file(ours.error_file)
