@@ -11,7 +11,7 @@ NPROC ?= auto
 BINARY := dist/launcher
 BINARY_SOURCES := packaging/launcher.spec packaging/entry.py $(wildcard launcher/*.py launcher/*/*.py)
 
-.PHONY: setup build run test bench binary clean
+.PHONY: setup build run test lint bench binary clean
 
 setup: $(BUILD_STAMP)
 
@@ -40,6 +40,11 @@ binary: $(BINARY)
 # The workers need torch: they run on the virtualenv's Python, the launcher is the binary.
 run: $(BINARY)
 	$(BINARY) --standalone --nproc-per-node=$(NPROC) --python $(BIN)/python examples/train.py
+
+# ruff for the Python, cython-lint (which runs pycodestyle from the virtualenv) for the Cython; pyproject.toml has both settings.
+lint: $(SETUP_STAMP)
+	$(BIN)/ruff check --quiet .
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/cython-lint _native
 
 test: $(BUILD_STAMP) $(BINARY)
 	$(BIN)/python -m pytest -q

@@ -157,7 +157,8 @@ def run(runs: int) -> list[Row]:
             start([PYTHON, "-m", "bench.bench_store", "pipeline", str(per_generator)], wait_line=False)[0]
             for _ in range(GENERATORS)
         ]
-        workers["torch clients"] = [start([PYTHON, "-m", "bench.bench_store", "torch"])[0] for _ in range(TORCH_CLIENTS)]
+        torch_client = [PYTHON, "-m", "bench.bench_store", "torch"]
+        workers["torch clients"] = [start(torch_client)[0] for _ in range(TORCH_CLIENTS)]
         figures = {(load, name): [] for load in workers for name in ports}
         for round_no in range(runs):
             order = ["ours", "peer"] if round_no % 2 == 0 else ["peer", "ours"]

@@ -121,7 +121,9 @@ class Agent:
             outcome, failed = self._monitor(group)
             if outcome == "succeeded":
                 self._event("workers_succeeded", round=info.round)
-                result = RunResult(return_values=self._return_values(attempt_logs, ranks), attempt_dir=attempt_logs.directory)
+                result = RunResult(
+                    return_values=self._return_values(attempt_logs, ranks), attempt_dir=attempt_logs.directory
+                )
                 self._exit_barrier(info)
                 return result
             if outcome == "failed":

@@ -73,7 +73,8 @@ def parse_signals(names: str) -> list[signal.Signals]:
         sig = getattr(signal.Signals, name, None)
         if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
             raise ValueError(
-                f"--signals-to-handle: cannot handle '{name}'; use names such as SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+                f"--signals-to-handle: cannot handle '{name}'; "
+                "use names such as SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
             )
         handled.append(sig)
     return handled

@@ -297,7 +297,8 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
         prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--version", action="version", version=f"%(prog)s {launcher.__version__} (torchrun {launcher.TORCHRUN_COMPAT} compatible)")
+    version = f"%(prog)s {launcher.__version__} (torchrun {launcher.TORCHRUN_COMPAT} compatible)"
+    add("--version", action="version", version=version)
 
     add("--nnodes", action=EnvDefault, type=_check("N or MIN:MAX with 1 <= MIN <= MAX", _nnodes_ok), default="1:1",
         help="Number of nodes, or the range of nodes in form <minimum_nodes>:<maximum_nodes>.")
@@ -445,7 +446,9 @@ def config_from_args(args: Namespace):
         raise UsageError(f"argument --rdzv-conf: {error}") from None
     if args.rdzv_backend == "static":
         if args.node_rank >= max_nodes:
-            raise UsageError(f"argument --node-rank: expected 0 to {max_nodes - 1} (--nnodes={args.nnodes}), got {args.node_rank}")
+            raise UsageError(
+                f"argument --node-rank: expected 0 to {max_nodes - 1} (--nnodes={args.nnodes}), got {args.node_rank}"
+            )
         rdzv_configs["rank"] = args.node_rank
     rdzv_endpoint = args.rdzv_endpoint
     if args.rdzv_backend in ("static", "c10d") and ("," in rdzv_endpoint or "://" in rdzv_endpoint):
@@ -457,11 +460,12 @@ def config_from_args(args: Namespace):
         rdzv_endpoint = f"{args.master_addr}:{args.master_port}"
 
     _check_logs_specs(args.logs_specs)
+    local_ranks_filter = {int(rank) for rank in args.local_ranks_filter.split(",")} if args.local_ranks_filter else None
     logs_specs = LogsSpecs(
         log_dir=args.log_dir,
         redirects=Std.from_str(args.redirects),
         tee=Std.from_str(args.tee),
-        local_ranks_filter={int(rank) for rank in args.local_ranks_filter.split(",")} if args.local_ranks_filter else None,
+        local_ranks_filter=local_ranks_filter,
     )
     config = LaunchConfig(
         min_nodes=min_nodes,
@@ -502,7 +506,9 @@ def worker_command(args: Namespace) -> tuple[str, list[str]]:
         if args.module:
             raise UsageError("Don't use both the '--no-python' flag and the '--module' flag at the same time.")
         if args.python:
-            raise UsageError("argument --python: names the worker interpreter; --no-python runs the program without one")
+            raise UsageError(
+                "argument --python: names the worker interpreter; --no-python runs the program without one"
+            )
         entrypoint, cmd_args = args.training_script, []
     else:
         cmd_args = ["-u", "-m", args.training_script] if args.module else ["-u", args.training_script]
@@ -537,7 +543,10 @@ def _check_logs_specs(name: str | None) -> None:
 
     entry_points = metadata.entry_points()
     # Python 3.9's entry_points() is a dict of groups; later ones select.
-    group = entry_points.select(group="torchrun.logs_specs") if hasattr(entry_points, "select") else entry_points.get("torchrun.logs_specs", ())
+    if hasattr(entry_points, "select"):
+        group = entry_points.select(group="torchrun.logs_specs")
+    else:
+        group = entry_points.get("torchrun.logs_specs", ())
     found = [entry for entry in group if entry.name == name]
     if not found:
         raise UsageError(f"Could not find entrypoint under 'torchrun.logs_specs[{name}]' key")
@@ -572,7 +581,11 @@ def prepare_launch(args: Namespace):
     from launcher.slurm import apply_slurm_defaults
 
     if args.standalone:
-        ignored = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("rdzv_backend", "rdzv_endpoint", "rdzv_id") if name in args.explicit]
+        ignored = [
+            f"--{name.replace('_', '-')}={getattr(args, name)}"
+            for name in ("rdzv_backend", "rdzv_endpoint", "rdzv_id")
+            if name in args.explicit
+        ]
         if ignored:
             log.warning("--standalone: ignoring %s; using a local c10d store on a free port", " ".join(ignored))
         args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
@@ -618,7 +631,8 @@ class GlogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%m%d %H:%M:%S")
-        line = f"{record.levelname[0]}{stamp}.{int(record.msecs):03d} {record.process} {record.name}] {record.getMessage()}"
+        level = record.levelname[0]
+        line = f"{level}{stamp}.{int(record.msecs):03d} {record.process} {record.name}] {record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -637,7 +651,10 @@ def setup_logging() -> None:
 
 
 def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable) -> NoReturn:
-    """Run a launch from the command line and exit: 0 done, 1 failed (workers or rendezvous), 2 usage, 128+N signal N."""
+    """Run a launch from the command line and exit.
+
+    0 done, 1 failed (workers or rendezvous), 2 usage, 128+N signal N.
+    """
     try:
         setup_logging()
         config, entrypoint, args = prepare(parse(sys.argv[1:]))

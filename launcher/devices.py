@@ -191,7 +191,8 @@ def determine_local_world_size(nproc_per_node: str) -> int:
             count, kind = usable_cpu_count(), "cpu"
     else:
         raise ValueError(
-            f"argument --nproc-per-node: expected a number >= 1 or one of {', '.join(NPROC_KINDS)}, got {nproc_per_node!r}"
+            f"argument --nproc-per-node: expected a number >= 1 or one of {', '.join(NPROC_KINDS)}, "
+            f"got {nproc_per_node!r}"
         )
     log.info(
         "Using nproc_per_node=%s, setting nproc_per_node to %s since the instance has %s %s",
@@ -252,7 +253,8 @@ class _Topology:
     def core(self, cpu: int) -> int:
         """A physical core, named by its lowest logical CPU; a CPU without the file is its own core."""
         try:
-            return min(parse_cpu_list(self.read("devices", "system", "cpu", f"cpu{cpu}", "topology", "thread_siblings_list")))
+            siblings = self.read("devices", "system", "cpu", f"cpu{cpu}", "topology", "thread_siblings_list")
+            return min(parse_cpu_list(siblings))
         except FileNotFoundError:
             return cpu
 
@@ -306,7 +308,9 @@ def numa_bindings(
             "each worker is bound near the GPU of its local rank"
         )
     if any(not gpu.pci_bus_id for gpu in gpus[:local_world_size]):
-        raise ValueError("argument --numa-binding: MIG instances in CUDA_VISIBLE_DEVICES have no PCI location to bind near")
+        raise ValueError(
+            "argument --numa-binding: MIG instances in CUDA_VISIBLE_DEVICES have no PCI location to bind near"
+        )
     topology = _Topology(sysfs_root, os.sched_getaffinity(0) if allowed_cpus is None else allowed_cpus)
     try:
         gpu_nodes = [topology.gpu_node(gpu) for gpu in gpus]
@@ -326,7 +330,11 @@ def _binding(mode: str, rank: int, gpu_nodes: list[int], topology: _Topology) ->
         return node_cpus, {node}
     if mode == "socket":
         socket = topology.socket(min(node_cpus))
-        nodes = {other for other in topology.nodes() if (cpus := topology.node_cpus(other)) and topology.socket(min(cpus)) == socket}
+        nodes = {
+            other
+            for other in topology.nodes()
+            if (cpus := topology.node_cpus(other)) and topology.socket(min(cpus)) == socket
+        }
         return set().union(*(topology.node_cpus(other) for other in nodes)), nodes
     if mode == "exclusive":
         cores = _group(node_cpus, topology.core)

@@ -210,7 +210,9 @@ class Failure:
 
     def __post_init__(self):
         if (self.exitcode is None) == (self.signal is None):
-            raise ValueError(f"a failure has an exit code or a signal, got exitcode={self.exitcode} signal={self.signal}")
+            raise ValueError(
+                f"a failure has an exit code or a signal, got exitcode={self.exitcode} signal={self.signal}"
+            )
 
     @property
     def torchrun_exitcode(self) -> int:
@@ -285,7 +287,8 @@ def _format_failure(index: int, report: _Report) -> str:
         elif not failure.stderr_tail:
             lines.append(_field("stderr", "<empty>"))
         else:
-            lines.append(_field("stderr", f"(last {len(failure.stderr_tail)} lines)\n" + "\n".join(failure.stderr_tail)))
+            tail = "\n".join(failure.stderr_tail)
+            lines.append(_field("stderr", f"(last {len(failure.stderr_tail)} lines)\n{tail}"))
     return "\n".join(lines)
 
 

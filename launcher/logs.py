@@ -134,19 +134,19 @@ class LogsSpecs:
             else:
                 prefix = f"[{role}{local_rank}]:"
 
-            def stream(std: Std, name: str) -> StreamLogs:
+            streams = {}
+            for std, name in ((Std.OUT, "stdout.log"), (Std.ERR, "stderr.log")):
                 teed = bool(tees[local_rank] & std)
                 to_file = teed or bool(redirects[local_rank] & std)
-                return StreamLogs(
+                streams[std] = StreamLogs(
                     file=os.path.join(rank_dir, name) if to_file else None,
                     console=shown and (teed or not to_file),
                     prefix=prefix if teed else "",
                     teed=teed,
                 )
-
             workers[local_rank] = WorkerLogs(
-                stdout=stream(Std.OUT, "stdout.log"),
-                stderr=stream(Std.ERR, "stderr.log"),
+                stdout=streams[Std.OUT],
+                stderr=streams[Std.ERR],
                 error_file=os.path.join(rank_dir, "error.json"),
             )
         return AttemptLogs(

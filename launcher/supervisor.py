@@ -141,6 +141,7 @@ class WorkerGroup:
         try:
             self._native.start_guardian()
             for worker in self.workers:
+                stdout = worker.logs.stdout
                 self._native.spawn(
                     _programs(worker.argv[0], worker.env),
                     [os.fsencode(arg) for arg in worker.argv],
@@ -148,7 +149,7 @@ class WorkerGroup:
                     os.fsencode(worker.cwd) if worker.cwd is not None else None,
                     sorted(worker.cpus) if worker.cpus else None,
                     sorted(worker.mem_nodes) if worker.mem_nodes else None,
-                    self._stream_spec(worker.logs.stdout, "stdout", piped=worker.logs.stdout.console or worker.logs.stdout.teed),
+                    self._stream_spec(stdout, "stdout", piped=stdout.console or stdout.teed),
                     self._stream_spec(worker.logs.stderr, "stderr", piped=True),
                 )
         except BaseException:

@@ -5,8 +5,8 @@ import sys
 from unittest import mock
 
 import pytest
-
 from conftest import REPO, run_launcher
+
 from launcher.agent import RunResult
 from launcher.api import LaunchConfig, _get_entrypoint_name, elastic_launch, launch_agent
 from launcher.errors import ChildFailedError, SignalException

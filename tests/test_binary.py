@@ -24,11 +24,11 @@ import uuid
 import zipfile
 
 import pytest
-
 from conftest import REPO
 from etcd import etcd_server  # noqa: F401  (a fixture)
-from launcher.store import get_free_port
 from test_supervisor import my_zombies, state, wait_for
+
+from launcher.store import get_free_port
 
 BINARY = os.path.join(REPO, "dist", "launcher")
 WORKERS = os.path.join(REPO, "tests", "workers")

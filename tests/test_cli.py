@@ -12,10 +12,10 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import REPO, clean_env, run_launcher
-from launcher import cli
 from test_devices import fake_nvml, fake_nvml_library  # noqa: F401 (fixtures)
+
+from launcher import cli
 
 WORKERS = os.path.join(REPO, "tests", "workers")
 

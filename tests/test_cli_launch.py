@@ -9,11 +9,11 @@ import time
 import uuid
 
 import pytest
-
 from conftest import LAUNCHER, REPO, clean_env, run_launcher
-from launcher import cli
 from test_cli import isolated_environment  # noqa: F401 (autouse fixture)
 from test_devices import BUS_IDS, UUIDS, fake_nvml_library  # noqa: F401 (fixture)
+
+from launcher import cli
 
 WORKERS = os.path.join(REPO, "tests", "workers")
 RECORD_PY = os.path.join(WORKERS, "cli_record.py")

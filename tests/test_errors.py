@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, fields
 
 import pytest
-
 from conftest import REPO, clean_env
+
 from launcher.errors import (
     ChildFailedError,
     Failure,

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import LAUNCHER, REPO, clean_env, run_launcher
 
 WORKERS = os.path.join(REPO, "tests", "workers")

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, clean_env
-from launcher import launch
 from test_cli import isolated_environment  # noqa: F401 (autouse fixture)
+
+from launcher import launch
 
 WORKERS = os.path.join(REPO, "tests", "workers")
 

@@ -2,10 +2,10 @@
 import logging
 
 import pytest
-
 from conftest import clean_env, run_launcher
-from launcher import cli
 from test_cli import isolated_environment  # noqa: F401 (autouse fixture)
+
+from launcher import cli
 from launcher.slurm import apply_slurm_defaults, expand_hostlist
 
 

@@ -8,9 +8,9 @@ import time
 from datetime import timedelta
 
 import pytest
+from test_store import every_command, torch_client
 
 from launcher.store import StoreServer, TCPStore, create_store, get_free_port
-from test_store import every_command, torch_client
 
 torch_dist = pytest.importorskip("torch.distributed", reason="torch (requirements-dev) is the reference peer")
 

@@ -16,8 +16,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import REPO, clean_env
+
 from launcher.logs import LogsSpecs, Std
 from launcher.supervisor import SignalWatch, WorkerGroup, WorkerLaunch
 

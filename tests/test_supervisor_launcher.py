@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import LAUNCHER, REPO, clean_env
 from test_supervisor import WORKER, dead, wait_for
 

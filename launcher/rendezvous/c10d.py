@@ -159,7 +159,9 @@ def create_c10d_handler(params: RendezvousParameters, config: dict[str, Any]) ->
             # Another agent on this machine hosts it (torch falls back the same way),
             # unless the user said this one must.
             if config["is_host"]:
-                raise RendezvousConnectionError(f"cannot host the c10d rendezvous store at {host}:{port}: {exc}") from None
+                raise RendezvousConnectionError(
+                    f"cannot host the c10d rendezvous store at {host}:{port}: {exc}"
+                ) from None
     where = f"c10d store {host}:{port}"
     prefix = f"launcher/rdzv/{params.run_id}/"
 

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher.rendezvous import (
     RendezvousConnectionError,
@@ -42,6 +42,9 @@ from launcher.rendezvous import (
 )
 from launcher.rendezvous.dynamic import DynamicRendezvousHandler, KeyValueBackend, Settings
 from launcher.store import StoreInterrupted
+
+if TYPE_CHECKING:  # imported for https endpoints only (see above)
+    import ssl
 
 DEFAULT_PORT = 2379
 RUN_TTL = 7200  # seconds the run's keys outlive its last heartbeat
@@ -285,7 +288,9 @@ class EtcdClient:
                 self._next += 1
                 elapsed = time.monotonic() - started
                 if elapsed >= self.timeout:
-                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+                    reason = (
+                        exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+                    )
                     raise RendezvousConnectionError(
                         f"cannot reach {self.where()} ({reason}); tried for {elapsed:.0f} s"
                     ) from None
@@ -483,7 +488,8 @@ class EtcdBackend(KeyValueBackend):
         return int(answer["responses"][1]["response_range"].get("count", 0))
 
     def joined(self, round: int) -> list[bytes]:
-        kvs = self._range(self._join_prefix(round), prefix=True, sort_target="CREATE", sort_order="ASCEND").get("kvs", [])
+        found = self._range(self._join_prefix(round), prefix=True, sort_target="CREATE", sort_order="ASCEND")
+        kvs = found.get("kvs", [])
         return [base64.b64decode(kv.get("value", "")) for kv in kvs]
 
     def wait_joined(self, round: int, count: int, timeout: float) -> int:

@@ -175,7 +175,10 @@ class StaticRendezvousHandler(RendezvousHandler):
             left = deadline - time.monotonic()
             try:
                 self._store = TCPStore(
-                    self._host, self._port, timeout=max(0.1, min(left, STATUS_INTERVAL)), interrupt_fd=self._interrupt_fd
+                    self._host,
+                    self._port,
+                    timeout=max(0.1, min(left, STATUS_INTERVAL)),
+                    interrupt_fd=self._interrupt_fd,
                 )
                 break
             except StoreInterrupted:
