@@ -1,8 +1,7 @@
 """A real etcd server for the tests: loopback, random ports, a temporary data dir.
 
-    from etcd import etcd_server   # pytest fixture; import it into the test module
-
-Tests that use it are skipped, naming etcd, only when the etcd binary is missing.
+The etcd_server fixture (tests/conftest.py) starts one per test module; tests that
+use it are skipped, naming etcd, only when the etcd binary is missing.
 """
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -18,15 +16,11 @@ import time
 import urllib.request
 
 import pytest
+from helpers import free_port
 
 ETCD = shutil.which("etcd")
-needs_etcd = pytest.mark.skipif(ETCD is None, reason="etcd not installed (the etcd binary is not on PATH)")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+NO_ETCD = "etcd not installed (the etcd binary is not on PATH)"
+needs_etcd = pytest.mark.skipif(ETCD is None, reason=NO_ETCD)
 
 
 class EtcdServer:
@@ -51,7 +45,7 @@ class EtcdServer:
     def start(self, timeout: float = 30) -> "EtcdServer":
         # Ports picked free can be taken before etcd binds them: try again then.
         for _ in range(5):
-            self.client_port, self.peer_port = _free_port(), _free_port()
+            self.client_port, self.peer_port = free_port(), free_port()
             peer = f"http://127.0.0.1:{self.peer_port}"
             self.log = open(os.path.join(self.data_dir, "etcd.log"), "wb")
             self.process = subprocess.Popen(
@@ -130,13 +124,3 @@ def make_certificates(directory: str) -> dict[str, str]:
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
-
-@pytest.fixture(scope="module")
-def etcd_server():
-    if ETCD is None:
-        pytest.skip("etcd not installed (the etcd binary is not on PATH)")
-    server = EtcdServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()

@@ -5,13 +5,11 @@ import sys
 from unittest import mock
 
 import pytest
-from conftest import REPO, run_launcher
+from helpers import WORKERS, run_launcher
 
 from launcher.agent import RunResult
 from launcher.api import LaunchConfig, _get_entrypoint_name, elastic_launch, launch_agent
 from launcher.errors import ChildFailedError, SignalException
-
-WORKERS = os.path.join(REPO, "tests", "workers")
 
 
 def test_restarted_attempt_starts_from_a_clean_store(tmp_path):

@@ -24,14 +24,23 @@ import uuid
 import zipfile
 
 import pytest
-from conftest import REPO
-from etcd import etcd_server  # noqa: F401  (a fixture)
-from test_supervisor import my_zombies, state, wait_for
-
-from launcher.store import get_free_port
+from helpers import (
+    REPO,
+    WORKERS,
+    children,
+    descendants,
+    finish,
+    free_port,
+    my_zombies,
+    node_addr,
+    read_env,
+    state,
+    survivors,
+    wait_for,
+    wait_until_ready,
+)
 
 BINARY = os.path.join(REPO, "dist", "launcher")
-WORKERS = os.path.join(REPO, "tests", "workers")
 BASH_WORKER = os.path.join(WORKERS, "bin_worker.sh")
 ALLREDUCE = os.path.join(WORKERS, "bin_allreduce.py")
 RECORD = os.path.join(WORKERS, "cli_record.py")
@@ -77,39 +86,18 @@ class BareMachine:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
     def ready(self, proc, nproc=2):
-        wait_for(lambda: all((self.out / f"{r}.ready").exists() for r in range(nproc)) or proc.poll() is not None,
-                 what="the workers to be ready")
-        assert proc.poll() is None, proc.communicate()
-
-
-def finish(*procs, timeout=180):
-    """Wait for every process; their (returncode, stdout, stderr)."""
-    results = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            results.append((proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    return results
+        wait_until_ready(self.out, proc, nproc)
 
 
 def two_nodes(bare, *args):
     """A two-node c10d job: two binaries on 127.0.0.2 and 127.0.0.3, two workers each, the store on the first."""
-    endpoint = f"127.0.0.2:{get_free_port()}"
+    endpoint = f"{node_addr(0)}:{free_port()}"
     run_id = uuid.uuid4().hex
     return finish(*[
         bare.start("--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-                   f"--rdzv-id={run_id}", f"--local-addr=127.0.0.{node + 2}", *args)
+                   f"--rdzv-id={run_id}", f"--local-addr={node_addr(node)}", *args)
         for node in range(2)
     ])
-
-
-def read_env(path):
-    return dict(line.split("=", 1) for line in path.read_text().splitlines())
 
 
 # What it carries --------------------------------------------------------------------------------
@@ -272,32 +260,7 @@ def wait_until_gone(processes, reap=False, timeout=30):
     try:
         wait_for(gone, timeout=timeout, what="every process to be gone")
     except AssertionError:
-        raise AssertionError(f"left after {timeout} s: {describe(processes)}") from None
-
-
-def describe(processes):
-    survivors = {}
-    for pid in processes:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                survivors[pid] = f.read().split(") ")[0] + ")"
-        except FileNotFoundError:
-            continue
-    return survivors
-
-
-def children(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(child) for child in f.read().split()]
-
-
-def descendants(pid):
-    found, parents = [], [pid]
-    while parents:
-        kids = [kid for parent in parents for kid in children(parent)]
-        found += kids
-        parents = kids
-    return found
+        raise AssertionError(f"left after {timeout} s: {survivors(processes)}") from None
 
 
 @pytest.fixture
@@ -349,7 +312,7 @@ def test_a_signal_to_the_bootloader_reaches_the_launcher_and_sets_its_exit_code(
     assert code == 128 + sig, err
     for rank in range(2):
         assert (bare.out / f"{rank}.signals").read_text() == f"{sig.name}\n"
-    assert describe(processes) == {}
+    assert survivors(processes) == {}
     assert bare.unpacked() == []
 
 

@@ -12,22 +12,11 @@ import sys
 import uuid
 
 import pytest
-from conftest import REPO, clean_env, run_launcher
-from test_devices import fake_nvml, fake_nvml_library  # noqa: F401 (fixtures)
+from helpers import WORKERS, clean_env, help_imports, run_launcher
 
 from launcher import cli
 
-WORKERS = os.path.join(REPO, "tests", "workers")
-
-
-@pytest.fixture(autouse=True)
-def isolated_environment(monkeypatch):
-    """No launcher settings from the outside; OMP_NUM_THREADS restored after config_from_args sets it."""
-    for name in list(os.environ):
-        if name.startswith(("PET_", "SLURM_", "TORCHELASTIC_")) or name in ("PYTHON_EXEC", "LOGLEVEL"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("OMP_NUM_THREADS", "placeholder")
-    monkeypatch.delenv("OMP_NUM_THREADS")
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 def parse(*argv):
@@ -509,14 +498,11 @@ def test_nproc_gpu_with_three_fake_gpus(fake_nvml):
 
 
 def test_help_imports_no_torch_and_lists_every_option():
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher", "--help"], cwd=REPO,
-                            env=clean_env(), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0
-    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    help_text, imported = help_imports()
     assert "launcher.cli" in imported
     assert not [name for name in imported if name.split(".")[0] == "torch" or name in ("launcher.api", "launcher.agent")]
-    for dest, spellings, *_ in OPTIONS + FLAGS:
-        assert all(spelling in result.stdout for spelling in spellings)
+    for _, spellings, *_ in OPTIONS + FLAGS:
+        assert all(spelling in help_text for spelling in spellings)
 
 
 def test_version():

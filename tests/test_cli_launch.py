@@ -1,34 +1,25 @@
 """End-to-end launches through the command line with tiny workers (tests/workers/cli_*)."""
-import json
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 
 import pytest
-from conftest import LAUNCHER, REPO, clean_env, run_launcher
-from test_cli import isolated_environment  # noqa: F401 (autouse fixture)
-from test_devices import BUS_IDS, UUIDS, fake_nvml_library  # noqa: F401 (fixture)
+from helpers import BUS_IDS, UUIDS, WORKERS, clean_env, cli_records, free_port, run_launcher, start_launcher, wait_for
 
 from launcher import cli
 
-WORKERS = os.path.join(REPO, "tests", "workers")
+pytestmark = pytest.mark.usefixtures("isolated_environment")
+
 RECORD_PY = os.path.join(WORKERS, "cli_record.py")
 RECORD_SH = os.path.join(WORKERS, "cli_record.sh")
-
-
-def records(directory, count):
-    return {rank: json.loads((directory / f"{rank}.json").read_text()) for rank in range(count)}
 
 
 def test_script_arguments_reach_the_script_unchanged(tmp_path):
     script_args = ["--nproc-per-node", "4", "-m", "--standalone", "--help", "--", "--local-rank=9", "a b"]
     result = run_launcher("--nproc-per-node=2", RECORD_PY, *script_args, env=clean_env(CLI_RECORD_DIR=tmp_path))
     assert result.returncode == 0, result.stderr
-    for rank, record in records(tmp_path, 2).items():
+    for rank, record in cli_records(tmp_path, 2).items():
         assert record["argv"] == [RECORD_PY, *script_args]
         assert (record["env"]["RANK"], record["env"]["LOCAL_RANK"], record["env"]["WORLD_SIZE"]) == (str(rank), str(rank), "2")
         assert record["env"]["OMP_NUM_THREADS"] == "1"
@@ -39,7 +30,7 @@ def test_module(tmp_path):
     result = run_launcher("--nproc-per-node=2", "-m", "cli_record", "--lr", "1",
                           env=clean_env(CLI_RECORD_DIR=tmp_path, PYTHONPATH=WORKERS, OMP_NUM_THREADS=3))
     assert result.returncode == 0, result.stderr
-    for record in records(tmp_path, 2).values():
+    for record in cli_records(tmp_path, 2).values():
         assert (record["argv"], record["name"]) == ([RECORD_PY, "--lr", "1"], "__main__")
         assert record["env"]["OMP_NUM_THREADS"] == "3"  # the user's value is kept
 
@@ -49,7 +40,7 @@ def test_run_path(tmp_path):
     result = run_launcher("--run-path", "--nnodes=1", "--nproc-per-node=4", "--monitor-interval=1",
                           "--start-method=spawn", RECORD_PY, "--touch", env=clean_env(CLI_RECORD_DIR=tmp_path))
     assert result.returncode == 0, result.stderr
-    for record in records(tmp_path, 4).values():
+    for record in cli_records(tmp_path, 4).values():
         assert (record["argv"], record["name"]) == ([RECORD_PY, "--touch"], "__main__")
 
 
@@ -89,7 +80,7 @@ def test_launch_standalone(tmp_path):
     result = run_launcher("--nnodes=1", "--nproc-per-node=4", "--standalone", "--monitor-interval=1",
                           "--start-method=spawn", RECORD_PY, env=clean_env(CLI_RECORD_DIR=tmp_path))
     assert result.returncode == 0, result.stderr
-    run_ids = {record["env"]["TORCHELASTIC_RUN_ID"] for record in records(tmp_path, 4).values()}
+    run_ids = {record["env"]["TORCHELASTIC_RUN_ID"] for record in cli_records(tmp_path, 4).values()}
     (run_id,) = run_ids
     assert str(uuid.UUID(run_id)) == run_id
 
@@ -109,12 +100,10 @@ def test_failed_workers_exit_1_with_the_summary():
 
 
 def test_signal_ends_the_launch_with_128_plus_the_signal(tmp_path):
-    launcher = subprocess.Popen(LAUNCHER + ["--nproc-per-node=2", os.path.join(WORKERS, "cli_wait.py")], cwd=REPO,
-                                env=clean_env(CLI_RECORD_DIR=tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("ready.*"))) < 2 and time.monotonic() < deadline and launcher.poll() is None:
-        time.sleep(0.05)
+    launcher = start_launcher("--nproc-per-node=2", os.path.join(WORKERS, "cli_wait.py"),
+                              env=clean_env(CLI_RECORD_DIR=tmp_path))
+    wait_for(lambda: len(list(tmp_path.glob("ready.*"))) == 2 or launcher.poll() is not None, timeout=120,
+             what="both workers to be ready")
     launcher.send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signal.SIGTERM, stderr
@@ -130,10 +119,7 @@ def test_is_torchelastic_launched(tmp_path):
 
 
 def test_rendezvous_failure_is_one_line_and_exit_1():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    result = run_launcher("--nnodes=2", "--node-rank=0", f"--master-port={port}", "--rdzv-conf=timeout=1",
+    result = run_launcher("--nnodes=2", "--node-rank=0", f"--master-port={free_port()}", "--rdzv-conf=timeout=1",
                           "--no-python", "true")
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()

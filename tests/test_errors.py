@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, fields
 
 import pytest
-from conftest import REPO, clean_env
+from helpers import REPO, WORKERS, clean_env
 
 from launcher.errors import (
     ChildFailedError,
@@ -29,7 +29,6 @@ from launcher.errors import (
     write_summary_json,
 )
 
-WORKERS = os.path.join(REPO, "tests", "workers")
 TORCH_WORKER = os.path.join(WORKERS, "err_torch_record.py")
 LAUNCHER_WORKER = os.path.join(WORKERS, "err_launcher_record.py")
 TORCH_REPORT = os.path.join(WORKERS, "err_torch_report.py")

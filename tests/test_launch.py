@@ -2,13 +2,10 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import LAUNCHER, REPO, clean_env, run_launcher
+from helpers import WORKERS, clean_env, help_imports, read_env, run_launcher, start_launcher
 
-WORKERS = os.path.join(REPO, "tests", "workers")
 TORCHRUN_ENV = [
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
     "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
@@ -18,12 +15,7 @@ TORCHRUN_ENV = [
 
 
 def test_launcher_never_imports_torch():
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "launcher", "--help"],
-        capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    _, imported = help_imports()
     assert "launcher" in imported
     assert not [name for name in imported if name.split(".")[0] == "torch"]
 
@@ -68,7 +60,7 @@ def test_bash_script_with_no_python(tmp_path, nproc):
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path)) == sorted(f"{rank}.env" for rank in range(nproc))
     for rank in range(nproc):
-        env = dict(line.split("=", 1) for line in open(tmp_path / f"{rank}.env").read().splitlines() if "=" in line)
+        env = read_env(tmp_path / f"{rank}.env")
         assert env["RANK"] == str(rank) and env["WORLD_SIZE"] == str(nproc)
         assert f"bash worker {rank} of {nproc}" in result.stdout
 
@@ -115,10 +107,7 @@ def test_console_lines_of_different_ranks_never_interleave():
 
 def test_a_line_paused_midway_is_shown_before_its_newline(tmp_path):
     go = tmp_path / "go"
-    launch = subprocess.Popen(
-        LAUNCHER + ["--standalone", "--nproc-per-node=1", f"{WORKERS}/progress.py", str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), cwd=REPO,
-    )
+    launch = start_launcher("--standalone", "--nproc-per-node=1", f"{WORKERS}/progress.py", go, text=False)
     try:
         shown = b""
         while b"progress 50%" not in shown:  # arrives while the worker waits for us, without its newline

@@ -1,17 +1,14 @@
 """``python -m launcher.launch``: torch.distributed.launch, with and without --use-env."""
-import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, clean_env
-from test_cli import isolated_environment  # noqa: F401 (autouse fixture)
+from helpers import REPO, WORKERS, clean_env, cli_records, free_port
 
 from launcher import launch
 
-WORKERS = os.path.join(REPO, "tests", "workers")
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 @pytest.mark.parametrize("spelling", ["--use-env", "--use_env"])
@@ -58,20 +55,14 @@ def test_bad_input_is_one_line_and_exit_2():
     ]
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def _run_legacy(tmp_path, *flags):
     command = [sys.executable, "-m", "launcher.launch", "--nnodes=1", "--nproc-per-node=4", "--monitor-interval=1",
-               "--start-method=spawn", "--master-addr=localhost", f"--master-port={_free_port()}", "--node-rank=0",
+               "--start-method=spawn", "--master-addr=localhost", f"--master-port={free_port()}", "--node-rank=0",
                *flags, os.path.join(WORKERS, "cli_record.py"), "--lr", "1"]
     result = subprocess.run(command, cwd=REPO, env=clean_env(CLI_RECORD_DIR=tmp_path), capture_output=True,
                             text=True, timeout=180)
     assert result.returncode == 0, result.stderr
-    return {rank: json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(4)}
+    return cli_records(tmp_path, 4)
 
 
 def test_launch_user_script_with_use_env(tmp_path):

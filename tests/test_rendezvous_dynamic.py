@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
-from etcd import EtcdServer, etcd_server, needs_etcd, needs_openssl  # noqa: F401  (etcd_server: a fixture)
+from etcd import EtcdServer, needs_etcd, needs_openssl
+from helpers import REPO, free_port, node_addr, together
 
 from launcher.rendezvous import (
     RendezvousClosedError,
@@ -29,9 +30,7 @@ from launcher.rendezvous import (
     create_handler,
     dynamic,
 )
-from launcher.store import StoreInterrupted, TCPStore, get_free_port
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launcher.store import StoreInterrupted, TCPStore
 
 # Short timeouts so rounds complete quickly; liveness = 1 s x 2.
 FAST = {
@@ -42,10 +41,6 @@ FAST = {
     "keep_alive_max_attempt": "2",
     "read_timeout": "10",
 }
-
-
-def addr(i: int) -> str:
-    return f"127.0.0.{i + 2}"
 
 
 @pytest.fixture(params=["c10d", "etcd"])
@@ -73,28 +68,12 @@ def rdzv(request):
             min_nodes=min_nodes,
             max_nodes=max_nodes,
             local_world_size=i + 1,
-            local_addr=addr(i),
+            local_addr=node_addr(i),
             config={**FAST, **{k: str(v) for k, v in config.items()}},
         )
 
     make.backend = backend
     return make
-
-
-@pytest.fixture
-def handlers():
-    """Handlers made by a test, shut down after it (in reverse: the c10d host last)."""
-    made = []
-    yield made
-    for handler in reversed(made):
-        handler.shutdown()
-
-
-def together(calls, timeout=60):
-    """Run calls concurrently, as nodes do; their results in order."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        return [f.result(timeout=timeout) for f in futures]
 
 
 def check_round(infos, n):
@@ -116,7 +95,7 @@ def test_nodes_agree_on_ranks_and_the_workers_store(rdzv, handlers, n):
     # Each node's record came through: its address and its local world size.
     for handler_index, info in enumerate(infos):
         me = info.nodes[info.rank]
-        assert (me.addr, me.local_world_size) == (addr(handler_index), handler_index + 1)
+        assert (me.addr, me.local_world_size) == (node_addr(handler_index), handler_index + 1)
     # The workers' store answers at MASTER_ADDR:MASTER_PORT, and the agents share info.store.
     worker = TCPStore(infos[0].master_addr, infos[0].master_port, timeout=10)
     worker.set("hello", b"world")
@@ -325,17 +304,17 @@ def test_a_killed_node_is_dropped_and_the_survivors_carry_on(rdzv, processes):
     assert time.monotonic() - started < 10
     assert sorted(r["rank"] for r in second) == [0, 1]
     assert second[0]["round"] == first[0]["round"] + 1 and len(second[0]["nodes"]) == 2
-    assert addr(nodes.index(victim)) not in second[0]["nodes"]
+    assert node_addr(nodes.index(victim)) not in second[0]["nodes"]
     assert len({tuple(r["master"]) for r in second}) == 1
 
 
 def test_losing_the_c10d_store_host_fails_with_one_line(processes):
-    endpoint = f"127.0.0.1:{get_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
 
     def node(i, **config):
         return RendezvousParameters(
             backend="c10d", endpoint=endpoint, run_id="host-loss", min_nodes=2, max_nodes=2, local_world_size=1,
-            local_addr=addr(i), config={**FAST, **config},
+            local_addr=node_addr(i), config={**FAST, **config},
         )
 
     host = NodeProcess(node(0, is_host="true"))
@@ -356,7 +335,7 @@ def test_losing_the_c10d_store_host_fails_with_one_line(processes):
 
 
 def test_unreachable_etcd_fails_within_read_timeout():
-    port = get_free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     params = RendezvousParameters(
         backend="etcd", endpoint=f"127.0.0.1:{port},http://127.0.0.1:{port}", run_id="gone", min_nodes=1,
         max_nodes=1, local_world_size=1, local_addr="127.0.0.2", config={"read_timeout": "2"},
@@ -512,8 +491,8 @@ def test_etcd_over_https_with_client_certificates():
         server.cleanup()
 
 
-def test_etcd_endpoints_are_tried_in_turn(etcd_server):  # noqa: F811
-    dead = f"127.0.0.1:{get_free_port()}"  # nothing listens there
+def test_etcd_endpoints_are_tried_in_turn(etcd_server):
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     handler = create_handler(
         RendezvousParameters(
             backend="etcd", endpoint=f"http://{dead},{etcd_server.endpoint}", run_id="failover", min_nodes=1,
@@ -540,4 +519,4 @@ def test_a_node_that_finds_the_job_full_waits_for_a_place_past_its_join_timeout(
             waiting.result(timeout=3)  # neither done nor timed out, well past its 1 s join timeout
         running.leave()
         info = waiting.result(timeout=30)
-    assert (info.rank, len(info.nodes), info.nodes[0].addr) == (0, 1, addr(1))
+    assert (info.rank, len(info.nodes), info.nodes[0].addr) == (0, 1, node_addr(1))

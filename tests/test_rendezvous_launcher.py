@@ -13,10 +13,7 @@ import time
 import uuid
 
 import pytest
-from conftest import LAUNCHER, REPO, clean_env
-from etcd import etcd_server  # noqa: F401  (a fixture)
-
-from launcher.store import get_free_port
+from helpers import WORKERS, finish, free_port, node_addr, start_launcher
 
 # Records its view of the world, all-reduces once; until the world has the size
 # the test waits for, it keeps all-reducing (so a lost or joining node ends it).
@@ -64,28 +61,15 @@ def launchers():
 
 
 def launch(launchers, worker, node: int, final_world: int, *options) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        LAUNCHER
-        + [f"--nproc-per-node={NPROC}", f"--local-addr=127.0.0.{node + 2}", "--monitor-interval=0.2", *options,
-           str(worker), str(worker.parent / "out"), str(final_world)],
-        env=clean_env(),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_launcher(f"--nproc-per-node={NPROC}", f"--local-addr={node_addr(node)}", "--monitor-interval=0.2",
+                          *options, worker, worker.parent / "out", final_world)
     launchers.append(proc)
     return proc
 
 
-def finish(procs, timeout=180):
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        results.append((proc.returncode, err))
-    for code, err in results:
+def all_succeed(procs):
+    for code, _, err in finish(*procs):
         assert code == 0, err[-3000:]
-    return results
 
 
 def records(worker, nodes) -> list[dict]:
@@ -122,7 +106,7 @@ def rdzv_options(backend, nodes, node, endpoint, run_id, min_nodes=None):
 def endpoint_for(backend, request):
     if backend == "etcd":
         return request.getfixturevalue("etcd_server").endpoint
-    return f"127.0.0.2:{get_free_port()}"
+    return f"{node_addr(0)}:{free_port()}"
 
 
 @pytest.mark.parametrize("backend", ["static", "c10d", "etcd"])
@@ -132,7 +116,7 @@ def test_nodes_run_a_gloo_job_together(request, launchers, worker, backend, node
     world = nodes * NPROC
     procs = [launch(launchers, worker, n, world, *rdzv_options(backend, nodes, n, endpoint, run_id))
              for n in range(nodes)]
-    finish(procs)
+    all_succeed(procs)
     check_world(records(worker, nodes), nodes)
 
 
@@ -150,7 +134,7 @@ def test_a_killed_node_leaves_the_survivors_to_restart_and_finish(request, launc
         time.sleep(0.2)
     check_world(records(worker, 3), 3)
     procs[2].send_signal(signal.SIGKILL)  # the launcher; its workers die with it
-    finish(procs[:2])
+    all_succeed(procs[:2])
     check_world(records(worker, 2), 2, restart_counts=("1",))
 
 
@@ -164,24 +148,21 @@ def test_a_joining_node_restarts_the_job_at_the_larger_size(request, launchers, 
         time.sleep(0.2)
     check_world(records(worker, 1), 1)
     second = launch(launchers, worker, 1, 2 * NPROC, *rdzv_options(backend, 2, 1, endpoint, run_id, min_nodes=1))
-    finish([first, second])
+    all_succeed([first, second])
     # The first node restarted (its restart count is 1), the second started fresh.
     check_world(records(worker, 2), 2, restart_counts=("0", "1"))
 
 
 def test_static_restart_starts_from_a_clean_store(launchers, tmp_path):
     """Rank 1 fails in attempt 0 after leaving keys in the static store; attempt 1 must not see them."""
-    port = get_free_port()
-    options = ["--nnodes=2", "--rdzv-backend=static", "--master-addr=127.0.0.2", f"--master-port={port}",
+    options = ["--nnodes=2", "--rdzv-backend=static", f"--master-addr={node_addr(0)}", f"--master-port={free_port()}",
                "--max-restarts=1"]
-    procs = []
-    for node in range(2):
-        procs.append(subprocess.Popen(
-            LAUNCHER + [f"--nproc-per-node={NPROC}", f"--local-addr=127.0.0.{node + 2}", f"--node-rank={node}",
-                        *options, os.path.join(REPO, "tests", "workers", "restart_gloo.py"), str(tmp_path)],
-            env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+    procs = [
+        start_launcher(f"--nproc-per-node={NPROC}", f"--local-addr={node_addr(node)}", f"--node-rank={node}",
+                       *options, os.path.join(WORKERS, "restart_gloo.py"), tmp_path)
+        for node in range(2)
+    ]
     launchers += procs
-    finish(procs)
+    all_succeed(procs)
     for rank in range(2 * NPROC):
         assert (tmp_path / f"attempt1_{rank}").read_text() == "sum=10 stale=[]\n"

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import free_port, node_addr, together
 
 from launcher.rendezvous import (
     RendezvousConnectionError,
@@ -18,16 +19,12 @@ from launcher.rendezvous import (
     create_handler,
     static,
 )
-from launcher.store import StoreInterrupted, TCPStore, get_free_port
-
-
-def addr(i: int) -> str:
-    return f"127.0.0.{i + 2}"
+from launcher.store import StoreInterrupted, TCPStore
 
 
 @pytest.fixture
 def job(request):
-    port = get_free_port()
+    port = free_port()
     run_id = f"{request.node.name}-{os.urandom(3).hex()}"
 
     def make(rank: int, nnodes: int, at: int | None = None, **config) -> RendezvousParameters:
@@ -38,26 +35,12 @@ def job(request):
             min_nodes=nnodes,
             max_nodes=nnodes,
             local_world_size=rank + 1,
-            local_addr=addr(rank if at is None else at),
+            local_addr=node_addr(rank if at is None else at),
             config={"rank": rank, "timeout": "20", **config},
         )
 
     make.port = port
     return make
-
-
-@pytest.fixture
-def handlers():
-    made = []
-    yield made
-    for handler in reversed(made):  # node 0, the store's host, last
-        handler.shutdown()
-
-
-def together(calls, timeout=60):
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        return [f.result(timeout=timeout) for f in futures]
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -67,7 +50,7 @@ def test_nodes_get_their_node_rank_and_the_master_store(job, handlers, n):
     assert [i.rank for i in infos] == list(range(n))
     for info in infos:
         assert (info.round, info.master_addr, info.master_port) == (0, "127.0.0.1", job.port)
-        assert [(node.addr, node.local_world_size) for node in info.nodes] == [(addr(r), r + 1) for r in range(n)]
+        assert [(node.addr, node.local_world_size) for node in info.nodes] == [(node_addr(r), r + 1) for r in range(n)]
     infos[1].store.set("agent", b"1")
     assert infos[0].store.get("agent") == b"1"
 

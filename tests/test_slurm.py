@@ -2,11 +2,12 @@
 import logging
 
 import pytest
-from conftest import clean_env, run_launcher
-from test_cli import isolated_environment  # noqa: F401 (autouse fixture)
+from helpers import clean_env, run_launcher
 
 from launcher import cli
 from launcher.slurm import apply_slurm_defaults, expand_hostlist
+
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from conftest import recv_exactly
+from helpers import REPO, VALIDATE, every_command, free_port, ping_frame, recv_exactly, torch_client, wire
 
 from launcher.store import (
     DistNetworkError,
@@ -20,81 +20,26 @@ from launcher.store import (
     StoreServer,
     TCPStore,
     create_store,
-    get_free_port,
     get_socket_with_port,
 )
 
 torch_dist = pytest.importorskip("torch.distributed", reason="torch (requirements-dev) is the reference peer")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAGIC = struct.pack("<I", 0x3C85F7CE)
-
-
-def torch_client(port, timeout=30):
-    return torch_dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout))
 
 
 def torch_server():
     return torch_dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
 
 
-def wire(key):
-    return struct.pack("<Q", len(key)) + key
-
-
 def raw_connection(port, host="127.0.0.1"):
     conn = socket.create_connection((host, port), timeout=30)
-    conn.sendall(b"\x00" + MAGIC)
+    conn.sendall(VALIDATE)
     return conn
 
 
 def ping(conn, nonce=7):
     """A round trip: once it is answered, everything sent before it on conn was handled."""
-    conn.sendall(b"\x0d" + struct.pack("<I", nonce))
+    conn.sendall(ping_frame(nonce))
     assert recv_exactly(conn, 4) == struct.pack("<I", nonce)
-
-
-def every_command(store):
-    """One of each store call through a torch-API store; what each returned (or raised)."""
-    results = []
-
-    def record(name, call):
-        try:
-            results.append((name, call()))
-        except Exception as error:  # the point is to compare what happens
-            results.append((name, type(error).__name__, str(error).splitlines()[0]))
-
-    record("set", lambda: store.set("ab", "xy"))
-    record("get", lambda: store.get("ab"))
-    record("add", lambda: store.add("cnt", 5))
-    record("add again", lambda: store.add("cnt", -7))
-    record("get counter", lambda: store.get("cnt"))
-    record("compare_set swap", lambda: store.compare_set("ab", "xy", "zz"))
-    record("compare_set mismatch", lambda: store.compare_set("ab", "nope", "qq"))
-    record("compare_set creates", lambda: store.compare_set("fresh", "", "d1"))
-    record("compare_set missing", lambda: store.compare_set("absent", "e", "d"))
-    record("check", lambda: store.check(["ab", "nokey"]))
-    record("check present", lambda: store.check(["ab", "fresh"]))
-    record("num_keys", lambda: store.num_keys())
-    record("delete_key", lambda: store.delete_key("ab"))
-    record("delete_key missing", lambda: store.delete_key("missing"))
-    record("append creates", lambda: store.append("ap", "12"))
-    record("append", lambda: store.append("ap", b"\x00\xff"))
-    record("get appended", lambda: store.get("ap"))
-    record("multi_set", lambda: store.multi_set(["k1", "k2"], ["v1", b"v2"]))
-    record("multi_get", lambda: store.multi_get(["k1", "k2"]))
-    record("wait present", lambda: store.wait(["k1", "k2"]))
-    record("wait timeout", lambda: store.wait(["never", "k1"], timedelta(milliseconds=200)))
-    record("queue_push", lambda: store.queue_push("q", "a"))
-    record("queue_push 2", lambda: store.queue_push("q", b"b"))
-    record("queue_len", lambda: store.queue_len("q"))
-    record("queue_pop", lambda: store.queue_pop("q"))
-    record("queue_pop nonblocking", lambda: store.queue_pop("q", block=False))
-    record("queue_pop empty", lambda: store.queue_pop("q", block=False))
-    record("queue_len empty", lambda: store.queue_len("q"))
-    record("list_keys", lambda: sorted(store.list_keys()))
-    record("num_keys end", lambda: store.num_keys())
-    return results
 
 
 def test_torch_client_gets_from_our_server_what_it_gets_from_torch_server():
@@ -389,7 +334,7 @@ def test_servers_racing_for_one_port_leave_exactly_one_listening():
     # How c10d agents on one machine find their host: each tries to serve the endpoint at once.
     # Both bind (SO_REUSEADDR) and each listen then fails on the other: without a retry, nobody serves.
     for _ in range(30):
-        port = get_free_port()
+        port = free_port()
         contenders = [
             subprocess.Popen([sys.executable, "-c", CONTENDER, str(port)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -442,7 +387,7 @@ def test_multi_tenant_shares_one_server():
 
 
 def test_master_waits_for_its_workers():
-    port = get_free_port()
+    port = free_port()
     code = (
         "import sys; from launcher.store import TCPStore;"
         "TCPStore('127.0.0.1', int(sys.argv[1]), world_size=3, timeout=60).set('joined/' + sys.argv[2], 'y')"
@@ -464,7 +409,7 @@ def test_interrupt_fd_already_readable_ends_blocking_calls_at_once(call):
     with TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=120) as host:
         with pytest.raises(StoreInterrupted, match=f"interrupt_fd {readable} became readable"):
             if call == "connect":
-                TCPStore("127.0.0.1", get_free_port(), timeout=120, interrupt_fd=readable)
+                TCPStore("127.0.0.1", free_port(), timeout=120, interrupt_fd=readable)
             elif call == "wait_for_workers":
                 TCPStore("127.0.0.1", 0, world_size=2, is_master=True, timeout=120, interrupt_fd=readable)
             else:

@@ -7,25 +7,16 @@ import threading
 import time
 
 import pytest
-from conftest import recv_exactly
+from helpers import REPO, VALIDATE, ping_frame, recv_exactly, wire
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher._native.store import parse_frame
 from launcher.store import StoreServer, TCPStore
 
-VALIDATE = b"\x00" + struct.pack("<I", 0x3C85F7CE)
 LOG_LINE = re.compile(
     r"E\d{4} \d\d:\d\d:\d\d\.\d{3} (?P<pid>\d+) launcher\] store: closed connection from 127\.0\.0\.1:(?P<port>\d+): (?P<reason>.*)"
 )
-
-
-def wire(value):
-    return struct.pack("<Q", len(value)) + value
-
-
-def ping_frame(nonce):
-    return b"\x0d" + struct.pack("<I", nonce)
 
 
 def connect(port):
@@ -303,7 +294,7 @@ def test_out_of_descriptors_refuses_connections_and_recovers():
 
     host = subprocess.Popen(
         [sys.executable, "-c", SERVE_WITH_FEW_DESCRIPTORS],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=REPO,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     port = int(host.stdout.readline())

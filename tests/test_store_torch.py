@@ -8,20 +8,13 @@ import time
 from datetime import timedelta
 
 import pytest
-from test_store import every_command, torch_client
+from helpers import clean_env, every_command, free_port, torch_client
 
-from launcher.store import StoreServer, TCPStore, create_store, get_free_port
+from launcher.store import StoreServer, TCPStore, create_store
 
 torch_dist = pytest.importorskip("torch.distributed", reason="torch (requirements-dev) is the reference peer")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTURE_TOOL = "/work/shared/tools/tcpstore_capture.py"
-
-
-def torch_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_", "MASTER_"))}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def operations(capture: str):
@@ -72,7 +65,7 @@ def test_our_client_against_torch_server():
 
 
 def test_our_client_joins_a_torch_master_waiting_for_its_workers():
-    port = get_free_port()
+    port = free_port()
     masters = []
     master = threading.Thread(
         target=lambda: masters.append(
@@ -106,7 +99,7 @@ def test_gloo_job_uses_our_server_as_its_store():
             GLOO_SOCKET_IFNAME="lo",
         )
         workers = [
-            subprocess.Popen([sys.executable, "-c", WORKER], env=torch_env(RANK=rank, LOCAL_RANK=rank, **env))
+            subprocess.Popen([sys.executable, "-c", WORKER], env=clean_env(RANK=rank, LOCAL_RANK=rank, **env))
             for rank in range(2)
         ]
         assert [worker.wait(120) for worker in workers] == [0, 0]
@@ -140,7 +133,7 @@ def test_server_keeps_serving_while_python_holds_the_gil(tmp_path):
         flag = mmap.mmap(flag_file.fileno(), 1)
     with TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=60) as store:
         client = subprocess.Popen([sys.executable, "-c", SPINNING_CLIENT, str(store.port), str(flag_path)],
-                                  env=torch_env())
+                                  env=clean_env())
         interval = sys.getswitchinterval()
         # Hold the GIL (no other thread of this process gets it back) until the client, in
         # another process, says through shared memory that all its 800 requests were answered.
@@ -159,12 +152,12 @@ def test_server_keeps_serving_while_python_holds_the_gil(tmp_path):
 
 
 def test_torch_create_c10d_store_worker_joins_our_create_store_server():
-    port = get_free_port()
+    port = free_port()
     code = (
         "from torch.distributed.elastic.utils.distributed import create_c10d_store;"
         f"create_c10d_store(False, '127.0.0.1', {port}, 2, timeout=60).set('from_torch', 'yes')"
     )
-    worker = subprocess.Popen([sys.executable, "-c", code], env=torch_env())
+    worker = subprocess.Popen([sys.executable, "-c", code], env=clean_env())
     # Our server waits for both members (init/ and torch's full-rank barrier keys), torch's worker too.
     store = create_store(True, "127.0.0.1", port, world_size=2, timeout=60)
     assert worker.wait(60) == 0

@@ -16,52 +16,25 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, clean_env
+from helpers import (
+    REPO,
+    WORKERS,
+    children,
+    clean_env,
+    comm,
+    dead,
+    my_zombies,
+    parent,
+    state,
+    wait_for,
+    wait_until_ready,
+)
 
 from launcher.logs import LogsSpecs, Std
 from launcher.supervisor import SignalWatch, WorkerGroup, WorkerLaunch
 
-WORKERS = os.path.join(REPO, "tests", "workers")
 WORKER = [sys.executable, os.path.join(WORKERS, "sup_worker.py")]
 HARNESS = [sys.executable, os.path.join(WORKERS, "sup_harness.py")]
-
-
-def wait_for(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def state(pid):
-    """A process's state letter, None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-def parent(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rpartition(")")[2].split()[1])
-
-
-def dead(pid):
-    return state(pid) in (None, "Z", "X")
-
-
-def my_zombies():
-    zombies = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and state(name) == "Z":
-            try:
-                if parent(name) == os.getpid():
-                    zombies.append(int(name))
-            except FileNotFoundError:
-                continue
-    return zombies
 
 
 class Harness:
@@ -80,9 +53,7 @@ class Harness:
 
     def ready(self):
         """Wait until every worker wrote its ready file; returns the state (launcher and worker pids)."""
-        wait_for(lambda: all((self.directory / f"{r}.ready").exists() for r in range(self.nproc)) or self.proc.poll() is not None,
-                 what="the workers to be ready")
-        assert self.proc.poll() is None, self.proc.communicate()
+        wait_until_ready(self.directory, self.proc, self.nproc)
         with open(self.state_path) as f:
             return json.load(f)
 
@@ -151,16 +122,6 @@ def test_parent_death_signal_kills_a_worker_without_the_guardian(harness, tmp_pa
     os.kill(guardian[0], signal.SIGKILL)
     os.kill(st["launcher"], signal.SIGKILL)
     wait_for(lambda: all(dead(pid) for pid in st["workers"].values()), timeout=10, what="the workers to die")
-
-
-def children(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
-
-
-def comm(pid):
-    with open(f"/proc/{pid}/comm") as f:
-        return f.read().strip()
 
 
 def test_subreaper_reaps_an_orphaned_grandchild(harness, tmp_path):

@@ -7,38 +7,23 @@ import sys
 import time
 
 import pytest
-from conftest import LAUNCHER, REPO, clean_env
-from test_supervisor import WORKER, dead, wait_for
+from helpers import LAUNCHER, REPO, WORKERS, clean_env, dead, finish, start_launcher, wait_for, wait_until_ready
 
-WORKERS = os.path.join(REPO, "tests", "workers")
+WORKER = os.path.join(WORKERS, "sup_worker.py")
 
 
-def launch(tmp_path, *args, nproc=2):
-    return subprocess.Popen(
-        LAUNCHER + ["--standalone", f"--nproc-per-node={nproc}", *map(str, args)],
-        env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def launch(*args, nproc=2):
+    return start_launcher("--standalone", f"--nproc-per-node={nproc}", *args)
 
 
 def ready(tmp_path, proc, nproc=2):
-    wait_for(lambda: all((tmp_path / f"{r}.ready").exists() for r in range(nproc)) or proc.poll() is not None,
-             what="the workers to be ready")
-    assert proc.poll() is None, proc.communicate()
+    """The workers' pids, once each is ready."""
+    wait_until_ready(tmp_path, proc, nproc)
     return [int((tmp_path / f"{r}.ready").read_text()) for r in range(nproc)]
 
 
-def finish(proc, timeout=120):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, out, err
-
-
 def test_sigkilled_launcher_leaves_no_worker_nor_grandchild(tmp_path):
-    proc = launch(tmp_path, WORKER[1], tmp_path, "children", 2, "stubborn")
+    proc = launch(WORKER, tmp_path, "children", 2, "stubborn")
     try:
         processes = ready(tmp_path, proc)
         for rank in range(2):
@@ -54,11 +39,11 @@ def test_sigkilled_launcher_leaves_no_worker_nor_grandchild(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_handled_signal_is_forwarded_and_the_launcher_exits_128_plus_signum(tmp_path, sig):
-    proc = launch(tmp_path, "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                  WORKER[1], tmp_path, "record", sig.name)
+    proc = launch("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                  WORKER, tmp_path, "record", sig.name)
     workers = ready(tmp_path, proc)
     proc.send_signal(sig)
-    code, _, err = finish(proc)
+    [(code, _, err)] = finish(proc)
     assert code == 128 + sig, err
     for rank in range(2):
         assert (tmp_path / f"{rank}.signals").read_text() == f"{sig.name}\n"
@@ -66,8 +51,8 @@ def test_handled_signal_is_forwarded_and_the_launcher_exits_128_plus_signum(tmp_
 
 
 def test_a_segfault_is_reported_with_its_signal_name(tmp_path):
-    proc = launch(tmp_path, "--max-restarts=0", WORKER[1], tmp_path, "segv", nproc=1)
-    code, _, err = finish(proc)
+    proc = launch("--max-restarts=0", WORKER, tmp_path, "segv", nproc=1)
+    [(code, _, err)] = finish(proc)
     assert code == 1
     assert "SIGSEGV" in err
 
