@@ -265,7 +265,8 @@ def wait_until_gone(processes, reap=False, timeout=30):
 
 @pytest.fixture
 def subreaper():
-    """This test process adopts the orphans of its children, so a launcher that outlives its bootloader can be reaped and checked."""
+    """This test process adopts the orphans of its children, so a launcher that outlives its bootloader can be
+    reaped and checked."""
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     yield

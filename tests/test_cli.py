@@ -131,7 +131,9 @@ def test_defaults_match_torchrun(torchrun_parser_factory):
 EXTENDED_WITH_PET = ("python", "logs_specs", "numa_binding")
 
 
-@pytest.mark.parametrize("dest, spellings, value, parsed", [option for option in OPTIONS if option[0] not in EXTENDED_WITH_PET])
+@pytest.mark.parametrize(
+    "dest, spellings, value, parsed", [option for option in OPTIONS if option[0] not in EXTENDED_WITH_PET]
+)
 def test_pet_values_parse_as_torchrun_parses_them(monkeypatch, torchrun_parser_factory, dest, spellings, value, parsed):
     monkeypatch.setenv(f"PET_{dest.upper()}", value)
     assert getattr(torchrun_parser_factory().parse_args(["train.py"]), dest) == getattr(parse(), dest)
@@ -235,7 +237,8 @@ def test_missing_script_is_a_usage_error():
 @pytest.mark.parametrize(
     "name, value, named",
     [
-        ("PET_MAX_RESTARTS", "x", "argument --max-restarts/--max_restarts: expected an integer >= 0, got 'x' (from PET_MAX_RESTARTS)"),
+        ("PET_MAX_RESTARTS", "x",
+         "argument --max-restarts/--max_restarts: expected an integer >= 0, got 'x' (from PET_MAX_RESTARTS)"),
         ("PET_NNODES", "0", "(from PET_NNODES)"),
         ("PET_NO_PYTHON", "yes", "PET_NO_PYTHON: expected 1 (on) or 0 (off), got 'yes'"),
         ("PET_STANDALONE", "true", "PET_STANDALONE"),
@@ -332,7 +335,8 @@ def test_run_path_and_module_commands_really_run(tmp_path):
     """The commands given to the agent, run by hand: the script sees its own argv and runs as __main__."""
     environment = clean_env(CLI_RECORD_DIR=str(tmp_path), RANK="0", PYTHONPATH=WORKERS)
     script = os.path.join(WORKERS, "cli_record.py")
-    for argv, recorded_argv0 in [(["--run-path", script], script), (["-m", "cli_record"], os.path.join(WORKERS, "cli_record.py"))]:
+    for argv, recorded_argv0 in [(["--run-path", script], script),
+                                 (["-m", "cli_record"], os.path.join(WORKERS, "cli_record.py"))]:
         _, entrypoint, args = cli.prepare_launch(cli.parse_args([*argv, "--local-rank=3", "x y"]))
         subprocess.run([entrypoint, *args], env=environment, check=True, timeout=60)
         record = json.loads((tmp_path / "0.json").read_text())
@@ -451,10 +455,12 @@ def test_config_carries_every_option(tmp_path, monkeypatch):
     assert config.rdzv_configs == {"timeout": "60"}
     assert (config.max_restarts, config.monitor_interval, config.start_method) == (2, 1.0, "fork")
     assert (config.event_log_handler, config.role, config.local_addr) == ("console", "trainer", "10.1.1.1")
-    assert (config.logs_specs.log_dir, int(config.logs_specs.redirects), config.logs_specs.tee) == (str(tmp_path), 1, {0: 2})
-    assert config.logs_specs.local_ranks_filter == {1}
+    logs_specs = config.logs_specs
+    assert (logs_specs.log_dir, int(logs_specs.redirects), logs_specs.tee) == (str(tmp_path), 1, {0: 2})
+    assert logs_specs.local_ranks_filter == {1}
     assert (config.duplicate_stdout_filters, config.duplicate_stderr_filters) == (["loss"], ["err", "warn"])
-    assert (config.signals_to_handle, config.shutdown_timeout, config.virtual_local_rank) == ("SIGTERM,SIGUSR1", 5, True)
+    assert (config.signals_to_handle, config.shutdown_timeout) == ("SIGTERM,SIGUSR1", 5)
+    assert config.virtual_local_rank is True
     assert config.log_line_prefix_template == "[rank${rank}]: "
 
 
@@ -500,7 +506,8 @@ def test_nproc_gpu_with_three_fake_gpus(fake_nvml):
 def test_help_imports_no_torch_and_lists_every_option():
     help_text, imported = help_imports()
     assert "launcher.cli" in imported
-    assert not [name for name in imported if name.split(".")[0] == "torch" or name in ("launcher.api", "launcher.agent")]
+    assert not [name for name in imported
+                if name.split(".")[0] == "torch" or name in ("launcher.api", "launcher.agent")]
     for _, spellings, *_ in OPTIONS + FLAGS:
         assert all(spelling in help_text for spelling in spellings)
 

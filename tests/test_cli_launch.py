@@ -21,8 +21,9 @@ def test_script_arguments_reach_the_script_unchanged(tmp_path):
     assert result.returncode == 0, result.stderr
     for rank, record in cli_records(tmp_path, 2).items():
         assert record["argv"] == [RECORD_PY, *script_args]
-        assert (record["env"]["RANK"], record["env"]["LOCAL_RANK"], record["env"]["WORLD_SIZE"]) == (str(rank), str(rank), "2")
-        assert record["env"]["OMP_NUM_THREADS"] == "1"
+        env = record["env"]
+        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == (str(rank), str(rank), "2")
+        assert env["OMP_NUM_THREADS"] == "1"
     assert "Setting OMP_NUM_THREADS environment variable for each process to be 1" in result.stderr
 
 

@@ -231,7 +231,8 @@ def write_json(path, data):
 
 
 def torch_error(message, timestamp):
-    return {"message": {"message": message, "extraInfo": {"py_callstack": f"Traceback:\n{message}\n", "timestamp": str(timestamp)}}}
+    extra_info = {"py_callstack": f"Traceback:\n{message}\n", "timestamp": str(timestamp)}
+    return {"message": {"message": message, "extraInfo": extra_info}}
 
 
 def make_failure(rank, ended_at, error_file=None, **overrides):
@@ -311,7 +312,8 @@ def test_missing_error_file(tmp_path):
     [
         (torch_error("ValueError: x", 1_795_000_000), "ValueError: x", "Traceback:\nValueError: x\n", 1_795_000_000.0),
         # what torch's record in a launcher passes up from its child
-        ({"message": {**torch_error("ValueError: x", 5)["message"], "errorCode": -11}}, "ValueError: x", "Traceback:\nValueError: x\n", 5.0),
+        ({"message": {**torch_error("ValueError: x", 5)["message"], "errorCode": -11}}, "ValueError: x",
+         "Traceback:\nValueError: x\n", 5.0),
         # the plain-string form torch's reader accepts, with and without a timestamp
         ({"message": "OOM on device 0", "timestamp": 1_795_000_001}, "OOM on device 0", None, 1_795_000_001.0),
         ({"message": "OOM on device 0"}, "OOM on device 0", None, None),

@@ -56,7 +56,9 @@ def test_python_script_workers_get_the_torchrun_environment(tmp_path, nproc):
 
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_bash_script_with_no_python(tmp_path, nproc):
-    result = run_launcher("--standalone", f"--nproc-per-node={nproc}", "--no-python", f"{WORKERS}/env_dump.sh", tmp_path)
+    result = run_launcher(
+        "--standalone", f"--nproc-per-node={nproc}", "--no-python", f"{WORKERS}/env_dump.sh", tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path)) == sorted(f"{rank}.env" for rank in range(nproc))
     for rank in range(nproc):

@@ -176,7 +176,8 @@ def test_waiting_prints_a_status_line_every_few_seconds(rdzv, handlers, caplog, 
     lines = [r.getMessage() for r in caplog.records if "timeout in" in r.getMessage()]
     assert 2 <= len(lines) <= 6, lines  # about one a second, not a flood
     assert all("round 0" in line and "1 of min 2, max 3 nodes joined (127.0.0.2)" in line for line in lines)
-    assert all(r.name.startswith("launcher") and r.levelno == logging.WARNING for r in caplog.records if "timeout in" in r.getMessage())
+    assert all(r.name.startswith("launcher") and r.levelno == logging.WARNING
+               for r in caplog.records if "timeout in" in r.getMessage())
 
 
 def test_the_interrupt_fd_ends_a_wait_at_once(rdzv, handlers):

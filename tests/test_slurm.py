@@ -90,7 +90,8 @@ def test_job_variables_serve_when_step_ones_are_missing(monkeypatch):
 
 def test_flags_and_pet_variables_win(monkeypatch):
     monkeypatch.setenv("PET_RDZV_ID", "mine")
-    args, taken = slurm_args(["--nnodes=2:8", "--rdzv-endpoint=head:1234", "--rdzv-backend=c10d"], SRUN_STEP, monkeypatch)
+    flags = ["--nnodes=2:8", "--rdzv-endpoint=head:1234", "--rdzv-backend=c10d"]
+    args, taken = slurm_args(flags, SRUN_STEP, monkeypatch)
     assert (args.nnodes, args.rdzv_endpoint, args.rdzv_id) == ("2:8", "head:1234", "mine")
     assert taken == []
 

@@ -389,7 +389,8 @@ def test_100000_lines_reach_console_and_file_whole_and_in_order_through_a_slow_p
     st = json.load(open(h.state_path))
     for rank in range(2):
         mine = [line for line in console if line.startswith(f"[default{rank}]:")]
-        expected = [f"[default{rank}]:line {i} of rank {rank}" for i in range(n)] + [f"[default{rank}]:no newline at the end"]
+        expected = [f"[default{rank}]:line {i} of rank {rank}" for i in range(n)]
+        expected.append(f"[default{rank}]:no newline at the end")
         assert mine == expected
         with open(os.path.join(st["attempt"], str(rank), "stdout.log")) as f:
             assert f.read() == "".join(f"line {i} of rank {rank}\n" for i in range(n)) + "no newline at the end"
@@ -410,7 +411,8 @@ def test_redirects_tee_filters_and_prefix_template(harness, tmp_path):
             assert f.read() == "".join(f"line {i} of rank {rank}\n" for i in range(3))
     with open(os.path.join(attempt, "filtered_stdout.log")) as f:
         assert f.read() == "<default:0:0>line 1 of rank 0\n"  # only teed lines are filtered
-    assert os.path.exists(os.path.join(attempt, "1", "stderr.log")) and not os.path.exists(os.path.join(attempt, "0", "stderr.log"))
+    assert os.path.exists(os.path.join(attempt, "1", "stderr.log"))
+    assert not os.path.exists(os.path.join(attempt, "0", "stderr.log"))
 
 
 def test_plain_output_is_unprefixed_and_local_ranks_filter_hides_ranks(harness, tmp_path):

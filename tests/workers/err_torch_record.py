@@ -19,7 +19,8 @@ def main(mode, *args):
         sys.exit(int(args[0]))
     elif mode == "child":
         error_file, exitcode = args[0], int(args[1])
-        raise ChildFailedError("trainer", {0: ProcessFailure(local_rank=0, pid=1234, exitcode=exitcode, error_file=error_file)})
+        failure = ProcessFailure(local_rank=0, pid=1234, exitcode=exitcode, error_file=error_file)
+        raise ChildFailedError("trainer", {0: failure})
 
 
 if __name__ == "__main__":

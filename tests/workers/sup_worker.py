@@ -49,7 +49,8 @@ if action in ("record", "endure"):
 elif action == "children":
     stubborn = "stubborn" in args[1:]
     children = [
-        subprocess.Popen(["sleep", "1000"], preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN) if stubborn else None)
+        subprocess.Popen(["sleep", "1000"],
+                         preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN) if stubborn else None)
         for _ in range(int(args[0]))
     ]
     with open(os.path.join(directory, f"{rank}.children"), "w") as f:
