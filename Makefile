@@ -46,7 +46,8 @@ lint: $(SETUP_STAMP)
 	$(BIN)/ruff check --quiet .
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/cython-lint _native
 
-test: $(BUILD_STAMP) $(BINARY)
+# Lint first: a lint error fails the tests as a failing test does.
+test: lint $(BUILD_STAMP) $(BINARY)
 	$(BIN)/python -m pytest -q
 
 bench: $(BUILD_STAMP) $(BINARY)
