@@ -28,7 +28,14 @@ from typing import Callable, NoReturn
 
 import launcher
 from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size
-from launcher.rendezvous import BACKENDS, backend_config, parse_endpoint, parse_rdzv_conf
+from launcher.rendezvous.options import (
+    BACKENDS,
+    backend_config,
+    host_ok,
+    parse_min_max_nnodes,
+    parse_rdzv_conf,
+    parse_rdzv_endpoint,
+)
 
 log = logging.getLogger("launcher")
 
@@ -162,16 +169,6 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     return _check(f"one of {', '.join(choices)}", lambda value: value in choices)
 
 
-def parse_min_max_nnodes(nnodes: str) -> tuple[int, int]:
-    """``N`` or ``MIN:MAX`` to (min, max); RuntimeError for more parts, as torch's."""
-    parts = nnodes.split(":")
-    if len(parts) == 1:
-        return int(parts[0]), int(parts[0])
-    if len(parts) == 2:
-        return int(parts[0]), int(parts[1])
-    raise RuntimeError(f'nnodes={nnodes} is not in "MIN:MAX" format')
-
-
 def _nnodes_ok(value: str) -> bool:
     min_nodes, max_nodes = parse_min_max_nnodes(value)
     return 0 < min_nodes <= max_nodes
@@ -181,37 +178,14 @@ def _nproc_ok(value: str) -> bool:
     return value in NPROC_KINDS or int(value) >= 1
 
 
-def _host_ok(host: str) -> bool:
-    """A host name, an IPv4 address, or an IPv6 address in brackets."""
-    return bool(re.fullmatch(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]", host))
-
-
-def _address_ok(address: str) -> bool:
-    """As ``_host_ok``, or an IPv6 address without brackets."""
-    return _host_ok(address) or bool(re.fullmatch(r"[0-9A-Fa-f]*:[0-9A-Fa-f:.]+", address))
-
-
 def _endpoint_ok(endpoint: str) -> bool:
-    """The rendezvous' ``host[:port]`` syntax, or a comma list of those (etcd), each with an optional http(s)://."""
-    for item in endpoint.split(",") if endpoint else ():
-        parse_endpoint(re.sub(r"^https?://", "", item.strip()), default_port=0)
-    return True
-
-
-def rendezvous_config(text: str) -> dict[str, str]:
-    """``--rdzv-conf`` to a dict (the rendezvous' parser); one pair of quotes around it is dropped.
-
-    torch's own tests pass ``--rdzv-conf='timeout=5'`` without a shell to remove the quotes.
-    """
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        text = text[1:-1]
-    return parse_rdzv_conf(text)
+    """Some backend's --rdzv-endpoint: etcd's syntax is the widest (config_from_args checks the backend's own)."""
+    return not endpoint or bool(parse_rdzv_endpoint("etcd", endpoint))
 
 
 def _rdzv_conf(value: str) -> str:
     try:
-        rendezvous_config(value)
+        parse_rdzv_conf(value)
     except ValueError as error:
         raise ArgumentTypeError(str(error)) from None
     return value
@@ -372,13 +346,13 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
         help="Rank of the node for multi-node distributed training. It is only used for static rendezvous "
         "(i.e., when --rdzv-backend=static).")
     add("--master-addr", "--master_addr", action=EnvDefault, default="127.0.0.1",
-        type=_check("a host name, an IPv4 address or an IPv6 address in brackets", _host_ok),
+        type=_check("a host name, an IPv4 address or an IPv6 address in brackets", host_ok),
         help="Address of the master node (rank 0), only used for static rendezvous. IPv6 should have the "
         "pattern `[0:0:0:0:0:0:0:1]`.")
     add("--master-port", "--master_port", action=EnvDefault, type=_integer(0, 65535), default=None,
         help="Port on the master node (rank 0), only used for static rendezvous. Defaults to 29500.")
     add("--local-addr", "--local_addr", action=EnvDefault, default=None,
-        type=_check("a host name or an IP address", _address_ok),
+        type=_check("a host name or an IP address", lambda value: host_ok(value, bare_ipv6=True)),
         help="Address of the local node. If specified, will use the given address for connection. Else, it "
         "will be default to local machine's FQDN.")
     add("--logs-specs", "--logs_specs", action=EnvDefault, default=None,
@@ -439,9 +413,9 @@ def config_from_args(args: Namespace):
         )
         os.environ["OMP_NUM_THREADS"] = str(omp_num_threads)
 
-    rdzv_configs: dict = rendezvous_config(args.rdzv_conf)
+    rdzv_configs: dict = parse_rdzv_conf(args.rdzv_conf)
     try:
-        backend_config(args.rdzv_backend, rdzv_configs)
+        options = backend_config(args.rdzv_backend, rdzv_configs)
     except ValueError as error:
         raise UsageError(f"argument --rdzv-conf: {error}") from None
     if args.rdzv_backend == "static":
@@ -451,13 +425,12 @@ def config_from_args(args: Namespace):
             )
         rdzv_configs["rank"] = args.node_rank
     rdzv_endpoint = args.rdzv_endpoint
-    if args.rdzv_backend in ("static", "c10d") and ("," in rdzv_endpoint or "://" in rdzv_endpoint):
-        raise UsageError(
-            f"argument --rdzv-endpoint: {args.rdzv_backend} takes one <host>[:<port>] (lists and URLs are for etcd), "
-            f"got {rdzv_endpoint!r}"
-        )
     if args.rdzv_backend == "static" and not rdzv_endpoint:
         rdzv_endpoint = f"{args.master_addr}:{args.master_port}"
+    try:
+        parse_rdzv_endpoint(args.rdzv_backend, rdzv_endpoint, options.get("protocol"))
+    except ValueError as error:
+        raise UsageError(f"argument --rdzv-endpoint: {error}") from None
 
     _check_logs_specs(args.logs_specs)
     local_ranks_filter = {int(rank) for rank in args.local_ranks_filter.split(",")} if args.local_ranks_filter else None

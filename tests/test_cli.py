@@ -16,6 +16,7 @@ from conftest import REPO, clean_env, run_launcher
 from test_devices import fake_nvml, fake_nvml_library  # noqa: F401 (fixtures)
 
 from launcher import cli
+from launcher.rendezvous.options import parse_min_max_nnodes, parse_rdzv_conf
 
 WORKERS = os.path.join(REPO, "tests", "workers")
 
@@ -292,10 +293,10 @@ def test_nproc_launch_unknown_configurations():
 
 
 def test_min_max_nodes_parse():
-    assert cli.parse_min_max_nnodes("1") == (1, 1)
-    assert cli.parse_min_max_nnodes("2:20") == (2, 20)
+    assert parse_min_max_nnodes("1") == (1, 1)
+    assert parse_min_max_nnodes("2:20") == (2, 20)
     with pytest.raises(RuntimeError):
-        cli.parse_min_max_nnodes("2:20:30")
+        parse_min_max_nnodes("2:20:30")
 
 
 def test_logs_logs_spec_entrypoint_must_be_defined():
@@ -424,11 +425,11 @@ def test_rdzv_conf_parsing_strips_quotes():
     config, _, _ = prepare("--rdzv-backend=c10d", "--rdzv-endpoint=head:29400",
                            "--rdzv-conf='join_timeout=5,last_call_timeout=1,timeout=5'")
     assert config.rdzv_configs == {"join_timeout": "5", "last_call_timeout": "1", "timeout": "5"}
-    assert cli.rendezvous_config('"read_timeout=7"') == {"read_timeout": "7"}
+    assert parse_rdzv_conf('"read_timeout=7"') == {"read_timeout": "7"}
 
 
 @pytest.mark.parametrize("endpoint", ["head", "head:29400", "10.0.0.1:1", "[::1]:29400", "[fe80::1]",
-                                      "etcd1:2379,etcd2:2379", "http://etcd:2379"])
+                                      "etcd1:2379,etcd2:2379", "http://etcd:2379", "https://etcd:2379/"])
 def test_rendezvous_endpoints_accepted(endpoint):
     config, _, _ = prepare("--rdzv-backend=etcd", f"--rdzv-endpoint={endpoint}")
     assert config.rdzv_endpoint == endpoint

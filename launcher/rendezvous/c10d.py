@@ -21,14 +21,9 @@ import socket
 import time
 from typing import Any, Callable
 
-from launcher.rendezvous import (
-    C10D_DEFAULT_PORT,
-    RendezvousConnectionError,
-    RendezvousHandler,
-    RendezvousParameters,
-    parse_endpoint,
-)
+from launcher.rendezvous import RendezvousConnectionError, RendezvousHandler, RendezvousParameters
 from launcher.rendezvous.dynamic import DynamicRendezvousHandler, KeyValueBackend, Settings
+from launcher.rendezvous.options import parse_rdzv_endpoint
 from launcher.store import DistError, DistNetworkError, DistStoreError, StoreInterrupted, TCPStore
 
 LEFT = b"left"
@@ -144,7 +139,8 @@ def _is_this_machine(host: str) -> bool:
 
 
 def create_c10d_handler(params: RendezvousParameters, config: dict[str, Any]) -> RendezvousHandler:
-    host, port = parse_endpoint(params.endpoint or "localhost", C10D_DEFAULT_PORT)
+    (endpoint,) = parse_rdzv_endpoint("c10d", params.endpoint)
+    host, port = endpoint.host, endpoint.port
     settings = Settings.from_config(params, config)
     is_host = config["is_host"] if config["is_host"] is not None else _is_this_machine(host)
     owned = []

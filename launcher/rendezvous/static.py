@@ -28,10 +28,10 @@ from launcher.rendezvous import (
     RendezvousInfo,
     RendezvousParameters,
     RendezvousTimeoutError,
-    parse_endpoint,
 )
 from launcher.rendezvous.c10d import StoreBackend
 from launcher.rendezvous.dynamic import STATUS_INTERVAL, ArrivalWatcher, Signal
+from launcher.rendezvous.options import parse_rdzv_endpoint
 from launcher.store import DistError, DistNetworkError, PrefixStore, StoreInterrupted, TCPStore
 
 log = logging.getLogger("launcher.rendezvous")
@@ -56,10 +56,10 @@ class StaticRendezvousHandler(RendezvousHandler):
             raise ValueError(f"static rendezvous: --node-rank must be a number from 0 to {nnodes - 1}") from None
         if not 0 <= rank < nnodes:
             raise ValueError(f"static rendezvous: --node-rank={rank} is not in 0..{nnodes - 1} (--nnodes={nnodes})")
-        host, port = parse_endpoint(params.endpoint, None, what="--master-addr:--master-port")
-        if port == 0 and nnodes > 1:
+        (endpoint,) = parse_rdzv_endpoint("static", params.endpoint)
+        if endpoint.port == 0 and nnodes > 1:
             raise ValueError("--master-port=0 only works with a single node: the others could not know the port")
-        return cls(params, host, port, rank, nnodes, config["timeout"])
+        return cls(params, endpoint.host, endpoint.port, rank, nnodes, config["timeout"])
 
     def __init__(self, params: RendezvousParameters, host: str, port: int, rank: int, nnodes: int, timeout: float):
         self.run_id = params.run_id
