@@ -15,7 +15,10 @@ cleared between rounds for static, so a restarted attempt never sees the
 keys of the previous one.
 
 The backends' names, options (``--rdzv-conf``) and endpoint syntax are in
-``options.py``, which the command line checks its values with.
+``options.py``, which the command line checks its values with. The handlers
+(``static.py``; ``dynamic.py`` for ``c10d.py`` and ``etcd.py``) share their
+state's key-value interface and the TCP store's implementation of it
+(``keyvalue.py``) and their background threads (``background.py``).
 """
 from __future__ import annotations
 
@@ -36,11 +39,6 @@ __all__ = [
     "RendezvousTimeoutError",
     "create_handler",
 ]
-
-# Wire prefix of every key the agents (not the workers) keep in the workers'
-# store: the static backend clears everything else between rounds.
-AGENT_KEY_PREFIX = "launcher"
-
 
 class RendezvousError(Exception):
     """A rendezvous failed; the message is one line naming what, where and how long."""

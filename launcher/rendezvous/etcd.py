@@ -17,7 +17,7 @@ Keys, below ``<etcd_prefix>/<run id>/``::
     alive/<node>              attached to the node's own lease (TTL: the
                               keep-alive liveness); gone = dead or left
     r/<round>/join/<node>     join records, in create-revision order
-    done/<round>, last_call/<round>, latest   (see dynamic.py)
+    done/<round>, last_call/<round>, latest   (see dynamic.py and keyvalue.py)
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher.rendezvous import RendezvousConnectionError, RendezvousError, RendezvousHandler, RendezvousParameters
-from launcher.rendezvous.dynamic import DynamicRendezvousHandler, KeyValueBackend, Settings
+from launcher.rendezvous.dynamic import DynamicRendezvousHandler, Settings
+from launcher.rendezvous.keyvalue import KeyValueBackend
 from launcher.rendezvous.options import Endpoint, parse_rdzv_endpoint
 from launcher.store import StoreInterrupted
 
