@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from launcher import LOCAL_RANK_MACRO, rendezvous
-from launcher.api import LaunchConfig
+from launcher.config import LaunchConfig
 from launcher.errors import ERROR_FILE_ENV, Failure, SignalException
 from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousInfo

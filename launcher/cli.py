@@ -7,8 +7,10 @@
     launcher --legacy-launch [options] script.py    # torch.distributed.launch (launcher.launch)
 
 Every option also reads its default from ``PET_<NAME>`` (``PET_NPROC_PER_NODE``,
-``PET_NO_PYTHON=1``), as torchrun's do. Only argparse and the standard
-library are imported before the arguments are parsed, so ``--help`` is quick.
+``PET_NO_PYTHON=1``), as torchrun's do. Only argparse, the standard library
+and the launcher's modules that check values are imported before the
+arguments are parsed (not the agent nor the native extensions), so
+``--help`` is quick.
 
 In-process, ``main(argv)`` raises as torch's ``torch.distributed.run.main``
 does: ValueError for a bad flag or value, the launch's own errors otherwise.
@@ -27,7 +29,9 @@ from argparse import REMAINDER, Action, ArgumentParser, ArgumentTypeError, Names
 from typing import Callable, NoReturn
 
 import launcher
-from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size
+from launcher.config import LaunchConfig, parse_signals
+from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size, numa_bindings
+from launcher.logs import LogsSpecs, Std
 from launcher.rendezvous.options import (
     BACKENDS,
     backend_config,
@@ -36,6 +40,7 @@ from launcher.rendezvous.options import (
     parse_rdzv_conf,
     parse_rdzv_endpoint,
 )
+from launcher.slurm import apply_slurm_defaults
 
 log = logging.getLogger("launcher")
 
@@ -192,8 +197,6 @@ def _rdzv_conf(value: str) -> str:
 
 
 def _std(value: str) -> str:
-    from launcher.logs import Std
-
     try:
         Std.from_str(value)
     except ValueError as error:
@@ -214,8 +217,6 @@ def comma_separated_list(value: str) -> list[str]:
 
 
 def _signals(value: str) -> str:
-    from launcher.api import parse_signals
-
     try:
         if not parse_signals(value):
             raise ValueError(f"expected a comma-separated list of signal names such as SIGTERM,SIGUSR1, got {value!r}")
@@ -395,9 +396,6 @@ def config_from_args(args: Namespace):
     process's environment (the workers inherit it) when more than one worker
     runs per node and the user has not set it.
     """
-    from launcher.api import LaunchConfig
-    from launcher.logs import LogsSpecs, Std
-
     min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
     nproc_per_node = determine_local_world_size(args.nproc_per_node)
     if "OMP_NUM_THREADS" not in os.environ and nproc_per_node > 1:
@@ -535,8 +533,6 @@ def _numa_binding(mode: str | None, nproc_per_node: int) -> str | None:
     """The mode to pass on, checked here so a bad topology fails before any worker starts."""
     if mode is None:
         return None
-    from launcher.devices import numa_bindings
-
     if numa_bindings(mode, nproc_per_node) is None:
         log.warning("--numa-binding=%s is ignored: no GPUs are visible on this node", mode)
         return None
@@ -551,8 +547,6 @@ def prepare_launch(args: Namespace):
     without endpoint or master port and at most one node becomes c10d on a
     free loopback port (keeping a --rdzv-id the user gave).
     """
-    from launcher.slurm import apply_slurm_defaults
-
     if args.standalone:
         ignored = [
             f"--{name.replace('_', '-')}={getattr(args, name)}"
