@@ -14,7 +14,8 @@ arguments are parsed (not the agent nor the native extensions), so
 
 In-process, ``main(argv)`` raises as torch's ``torch.distributed.run.main``
 does: ValueError for a bad flag or value, the launch's own errors otherwise.
-The console script (``main_entry``) turns those into one line and exit 2.
+The ``launcher`` program (launcher.__main__, through launcher.console) turns
+those into one line and exit 2.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import uuid
 from argparse import REMAINDER, Action, ArgumentParser, ArgumentTypeError, Namespace, RawDescriptionHelpFormatter
@@ -588,79 +588,3 @@ def run(args: Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """torchrun's ``main``: parse, launch, raise on failure (ValueError for bad flags and values)."""
     run(parse_args(argv))
-
-
-# Console ----------------------------------------------------------------------------------------
-
-
-class GlogFormatter(logging.Formatter):
-    """``W1121 11:39:49.123 <pid> launcher] message``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = self.formatTime(record, "%m%d %H:%M:%S")
-        level = record.levelname[0]
-        line = f"{level}{stamp}.{int(record.msecs):03d} {record.process} {record.name}] {record.getMessage()}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-def setup_logging() -> None:
-    """The launcher's log lines, glog-like on stderr, at ``$LOGLEVEL`` (default WARNING, as torchrun)."""
-    level = os.environ.get("LOGLEVEL", "WARNING").upper()
-    if not isinstance(logging.getLevelName(level), int):
-        raise UsageError(f"LOGLEVEL: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(GlogFormatter())
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-
-
-def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable) -> NoReturn:
-    """Run a launch from the command line and exit.
-
-    0 done, 1 failed (workers or rendezvous), 2 usage, 128+N signal N.
-    """
-    try:
-        setup_logging()
-        config, entrypoint, args = prepare(parse(sys.argv[1:]))
-    except ValueError as error:
-        message = " ".join(str(error).split("\n"))
-        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(128 + signal.SIGINT)
-    from launcher.errors import ChildFailedError, SignalException
-    from launcher.rendezvous import RendezvousError
-
-    try:
-        launch(config, entrypoint, args)
-    except ValueError as error:  # a value only the launch could check, such as the rendezvous' parameters
-        print(f"{prog}: error: {' '.join(str(error).split())} (see {prog} --help)", file=sys.stderr)
-        sys.exit(2)
-    except ChildFailedError as error:
-        print(error, file=sys.stderr)
-        sys.exit(1)
-    except RendezvousError as error:  # one line saying what, where and how long: no traceback to add
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except SignalException as error:
-        sys.exit(128 + int(error.sigval))
-    sys.exit(0)
-
-
-LEGACY_LAUNCH = "--legacy-launch"
-
-
-def main_entry() -> NoReturn:
-    """The ``launcher`` console script and ``python -m launcher``; ``--legacy-launch`` first: ``launcher.launch``'s.
-
-    The dispatch lets the single binary, which runs no ``-m``, be torch.distributed.launch too.
-    """
-    if sys.argv[1:2] == [LEGACY_LAUNCH]:
-        from launcher import launch
-
-        del sys.argv[1]  # the rest is the legacy launcher's command line
-        launch.main_entry(prog=f"launcher {LEGACY_LAUNCH}")
-    console_main("launcher", parse_args, prepare_launch)
