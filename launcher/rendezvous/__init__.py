@@ -96,7 +96,6 @@ class RendezvousInfo:
 class RendezvousHandler(ABC):
     """What the agent calls; one instance per agent (node)."""
 
-    backend: str
     run_id: str
 
     @abstractmethod

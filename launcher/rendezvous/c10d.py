@@ -71,7 +71,7 @@ def create_c10d_handler(params: RendezvousParameters, config: dict[str, Any]) ->
         return StoreBackend(store, prefix, where, settings.liveness)
 
     try:
-        return DynamicRendezvousHandler("c10d", where, settings, connect, params, owned=owned)
+        return DynamicRendezvousHandler(where, settings, connect, params, owned=owned)
     except BaseException:
         for store in owned:
             store.close()

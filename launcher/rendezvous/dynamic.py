@@ -182,14 +182,12 @@ class _LazyStore:
 class DynamicRendezvousHandler(RendezvousHandler):
     def __init__(
         self,
-        backend: str,
         where: str,
         settings: Settings,
         connect: Connect,
         params: RendezvousParameters,
         owned: list | None = None,
     ):
-        self.backend = backend
         self.run_id = settings.run_id
         self._where = where  # for messages: "c10d store 127.0.0.1:29400"
         self._settings = settings

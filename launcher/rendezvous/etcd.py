@@ -554,4 +554,4 @@ def create_etcd_handler(params: RendezvousParameters, config: dict[str, Any]) ->
     def connect(interrupt_fd: int, timeout: float) -> EtcdBackend:
         return EtcdBackend(EtcdClient(endpoints, context, timeout, interrupt_fd), prefix, session)
 
-    return DynamicRendezvousHandler("etcd", _where(endpoints), settings, connect, params)
+    return DynamicRendezvousHandler(_where(endpoints), settings, connect, params)

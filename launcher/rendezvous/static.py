@@ -42,8 +42,6 @@ from launcher.store import DistError, DistNetworkError, StoreInterrupted, TCPSto
 log = logging.getLogger("launcher.rendezvous")
 
 class StaticRendezvousHandler(RendezvousHandler):
-    backend = "static"
-
     @classmethod
     def create(cls, params: RendezvousParameters, config: dict[str, Any]) -> "StaticRendezvousHandler":
         if params.min_nodes != params.max_nodes:
