@@ -413,7 +413,7 @@ def config_from_args(args: Namespace):
 
     rdzv_configs: dict = parse_rdzv_conf(args.rdzv_conf)
     try:
-        options = backend_config(args.rdzv_backend, rdzv_configs)
+        backend_options = backend_config(args.rdzv_backend, rdzv_configs)
     except ValueError as error:
         raise UsageError(f"argument --rdzv-conf: {error}") from None
     if args.rdzv_backend == "static":
@@ -426,7 +426,7 @@ def config_from_args(args: Namespace):
     if args.rdzv_backend == "static" and not rdzv_endpoint:
         rdzv_endpoint = f"{args.master_addr}:{args.master_port}"
     try:
-        parse_rdzv_endpoint(args.rdzv_backend, rdzv_endpoint, options.get("protocol"))
+        parse_rdzv_endpoint(args.rdzv_backend, rdzv_endpoint, backend_options.get("protocol"))
     except ValueError as error:
         raise UsageError(f"argument --rdzv-endpoint: {error}") from None
 

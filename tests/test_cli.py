@@ -143,7 +143,8 @@ def test_defaults_match_torchrun(torchrun_parser_factory):
 EXTENDED_WITH_PET = ("python", "logs_specs", "numa_binding")
 
 
-@pytest.mark.parametrize("dest, spellings, value, parsed", [option for option in OPTIONS if option[0] not in EXTENDED_WITH_PET])
+@pytest.mark.parametrize("dest, spellings, value, parsed",
+                         [option for option in OPTIONS if option[0] not in EXTENDED_WITH_PET])
 def test_pet_values_parse_as_torchrun_parses_them(monkeypatch, torchrun_parser_factory, dest, spellings, value, parsed):
     monkeypatch.setenv(f"PET_{dest.upper()}", value)
     assert getattr(torchrun_parser_factory().parse_args(["train.py"]), dest) == getattr(parse(), dest)
@@ -247,7 +248,8 @@ def test_missing_script_is_a_usage_error():
 @pytest.mark.parametrize(
     "name, value, named",
     [
-        ("PET_MAX_RESTARTS", "x", "argument --max-restarts/--max_restarts: expected an integer >= 0, got 'x' (from PET_MAX_RESTARTS)"),
+        ("PET_MAX_RESTARTS", "x",
+         "argument --max-restarts/--max_restarts: expected an integer >= 0, got 'x' (from PET_MAX_RESTARTS)"),
         ("PET_NNODES", "0", "(from PET_NNODES)"),
         ("PET_NO_PYTHON", "yes", "PET_NO_PYTHON: expected 1 (on) or 0 (off), got 'yes'"),
         ("PET_STANDALONE", "true", "PET_STANDALONE"),
@@ -344,7 +346,7 @@ def test_run_path_and_module_commands_really_run(tmp_path):
     """The commands given to the agent, run by hand: the script sees its own argv and runs as __main__."""
     environment = clean_env(CLI_RECORD_DIR=str(tmp_path), RANK="0", PYTHONPATH=WORKERS)
     script = os.path.join(WORKERS, "cli_record.py")
-    for argv, recorded_argv0 in [(["--run-path", script], script), (["-m", "cli_record"], os.path.join(WORKERS, "cli_record.py"))]:
+    for argv, recorded_argv0 in [(["--run-path", script], script), (["-m", "cli_record"], script)]:
         _, entrypoint, args = cli.prepare_launch(cli.parse_args([*argv, "--local-rank=3", "x y"]))
         subprocess.run([entrypoint, *args], env=environment, check=True, timeout=60)
         record = json.loads((tmp_path / "0.json").read_text())
@@ -463,10 +465,13 @@ def test_config_carries_every_option(tmp_path, monkeypatch):
     assert config.rdzv_configs == {"timeout": "60"}
     assert (config.max_restarts, config.monitor_interval, config.start_method) == (2, 1.0, "fork")
     assert (config.event_log_handler, config.role, config.local_addr) == ("console", "trainer", "10.1.1.1")
-    assert (config.logs_specs.log_dir, int(config.logs_specs.redirects), config.logs_specs.tee) == (str(tmp_path), 1, {0: 2})
+    logs_specs = config.logs_specs
+    assert (logs_specs.log_dir, int(logs_specs.redirects), logs_specs.tee) == (str(tmp_path), 1, {0: 2})
     assert config.logs_specs.local_ranks_filter == {1}
     assert (config.duplicate_stdout_filters, config.duplicate_stderr_filters) == (["loss"], ["err", "warn"])
-    assert (config.signals_to_handle, config.shutdown_timeout, config.virtual_local_rank) == ("SIGTERM,SIGUSR1", 5, True)
+    assert (config.signals_to_handle, config.shutdown_timeout, config.virtual_local_rank) == (
+        "SIGTERM,SIGUSR1", 5, True
+    )
     assert config.log_line_prefix_template == "[rank${rank}]: "
 
 
@@ -487,7 +492,8 @@ def test_omp_num_threads_of_the_user_is_kept(monkeypatch, caplog):
     assert os.environ["OMP_NUM_THREADS"] == "8" and caplog.text == ""
 
 
-def test_numa_binding_without_gpus_is_ignored_with_one_line(fake_nvml, monkeypatch, caplog):
+@pytest.mark.usefixtures("fake_nvml")
+def test_numa_binding_without_gpus_is_ignored_with_one_line(monkeypatch, caplog):
     monkeypatch.setenv("FAKE_NVML_UUIDS", "")
     with caplog.at_level(logging.WARNING, logger="launcher"):
         config, _, _ = prepare("--numa-binding=node")
@@ -496,12 +502,14 @@ def test_numa_binding_without_gpus_is_ignored_with_one_line(fake_nvml, monkeypat
     assert record.getMessage() == "--numa-binding=node is ignored: no GPUs are visible on this node"
 
 
-def test_numa_binding_with_gpus_is_checked_before_launch(fake_nvml, monkeypatch):
+@pytest.mark.usefixtures("fake_nvml")
+def test_numa_binding_with_gpus_is_checked_before_launch():
     with pytest.raises(ValueError, match="--numa-binding"):
         prepare("--numa-binding=exclusive", "--nproc-per-node=4")  # 3 fake GPUs
 
 
-def test_nproc_gpu_with_three_fake_gpus(fake_nvml):
+@pytest.mark.usefixtures("fake_nvml")
+def test_nproc_gpu_with_three_fake_gpus():
     assert prepare("--nproc-per-node=gpu")[0].nproc_per_node == 3
     assert prepare("--nproc-per-node=auto")[0].nproc_per_node == 3
 
@@ -513,10 +521,12 @@ def test_help_imports_no_torch_and_lists_every_option():
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher", "--help"], cwd=REPO,
                             env=clean_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
     assert "launcher.cli" in imported
-    assert not [name for name in imported if name.split(".")[0] == "torch" or name in ("launcher.api", "launcher.agent")]
-    for dest, spellings, *_ in OPTIONS + FLAGS:
+    assert not [name for name in imported
+                if name.split(".")[0] == "torch" or name in ("launcher.api", "launcher.agent")]
+    for _dest, spellings, *_ in OPTIONS + FLAGS:
         assert all(spelling in result.stdout for spelling in spellings)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "create_handler",
 ]
 
+
 class RendezvousError(Exception):
     """A rendezvous failed; the message is one line naming what, where and how long."""
 

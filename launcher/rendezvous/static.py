@@ -41,6 +41,7 @@ from launcher.store import DistError, DistNetworkError, StoreInterrupted, TCPSto
 
 log = logging.getLogger("launcher.rendezvous")
 
+
 class StaticRendezvousHandler(RendezvousHandler):
     @classmethod
     def create(cls, params: RendezvousParameters, config: dict[str, Any]) -> "StaticRendezvousHandler":
