@@ -201,6 +201,8 @@ def parse_endpoint(endpoint: str, default_port: int | None, what: str = "--rdzv-
 
 @dataclass(frozen=True)
 class Endpoint:
+    """Where a backend's nodes meet: a TCP store's address, or one of etcd's endpoints."""
+
     host: str
     port: int
     scheme: str = ""  # etcd's: "http" or "https"
