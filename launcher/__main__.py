@@ -1,5 +1,24 @@
-"""``python -m launcher``: the same as the ``launcher`` console script."""
-from launcher.cli import main_entry
+"""The ``launcher`` program: ``python -m launcher``, the ``launcher`` console script, and dist/launcher.
+
+torchrun's command line (launcher.cli), or with ``--legacy-launch`` as the
+first argument torch.distributed.launch's (launcher.launch): the single
+binary runs no ``-m``, so this is how it is the legacy launcher too.
+"""
+import sys
+from typing import NoReturn
+
+from launcher import cli, launch
+from launcher.console import console_main
+
+LEGACY_LAUNCH = "--legacy-launch"
+
+
+def main_entry() -> NoReturn:
+    if sys.argv[1:2] == [LEGACY_LAUNCH]:
+        del sys.argv[1]  # the rest is the legacy launcher's command line
+        launch.main_entry(prog=f"launcher {LEGACY_LAUNCH}")
+    console_main("launcher", cli.parse_args, cli.prepare_launch)
+
 
 if __name__ == "__main__":
     main_entry()

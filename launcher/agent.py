@@ -22,19 +22,36 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable
 
-from launcher import LOCAL_RANK_MACRO, rendezvous
-from launcher.api import LaunchConfig
+from launcher import LOCAL_RANK_MACRO
+from launcher.config import LaunchConfig
 from launcher.errors import ERROR_FILE_ENV, Failure, SignalException
 from launcher.logs import AttemptLogs
-from launcher.rendezvous import RendezvousInfo
+from launcher.rendezvous import RendezvousHandler, RendezvousInfo
 from launcher.store import StoreInterrupted
 from launcher.supervisor import SignalWatch, WorkerExit, WorkerGroup, WorkerLaunch
 
 log = logging.getLogger("launcher")
 
 EXIT_BARRIER_TIMEOUT = 300.0
+
+
+class Outcome(Enum):
+    """How a run of the worker group ended (a signal raises SignalException instead)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    MEMBERSHIP_CHANGED = "membership_changed"  # a node waits to join: restart with it
+
+
+class AgentEvent(Enum):
+    """The agent's events; the value is the event's name in --event-log-handler=console's JSON lines."""
+
+    WORKERS_STARTED = "workers_started"
+    WORKERS_SUCCEEDED = "workers_succeeded"
+    WORKERS_FAILED = "workers_failed"
 
 
 @dataclass
@@ -68,7 +85,7 @@ class Ranks:
         same_role = [node for node in info.nodes if node.role == me.role]
         return cls(
             group_rank=info.rank,
-            group_world_size=len(info.nodes),
+            group_world_size=info.world_size,
             world_size=sum(node.local_world_size for node in info.nodes),
             base_rank=sum(node.local_world_size for node in earlier),
             role_rank_base=sum(node.local_world_size for node in earlier if node.role == me.role),
@@ -84,7 +101,7 @@ class Agent:
         config: LaunchConfig,
         entrypoint: str | Callable,
         args: list[str],
-        handler: rendezvous.RendezvousHandler,
+        handler: RendezvousHandler,
         signals: SignalWatch,
     ):
         self.config = config
@@ -116,19 +133,21 @@ class Agent:
                 duplicate_stderr_filters=self.config.duplicate_stderr_filters or (),
                 term_on_failure=True,  # every failure ends the group: start at once
             )
-            self._event("workers_started", round=info.round, group_rank=ranks.group_rank, world_size=ranks.world_size)
+            self._event(
+                AgentEvent.WORKERS_STARTED, round=info.round, group_rank=ranks.group_rank, world_size=ranks.world_size
+            )
             group.start()
             outcome, failed = self._monitor(group)
-            if outcome == "succeeded":
-                self._event("workers_succeeded", round=info.round)
+            if outcome is Outcome.SUCCEEDED:
+                self._event(AgentEvent.WORKERS_SUCCEEDED, round=info.round)
                 result = RunResult(
                     return_values=self._return_values(attempt_logs, ranks), attempt_dir=attempt_logs.directory
                 )
                 self._exit_barrier(info)
                 return result
-            if outcome == "failed":
+            if outcome is Outcome.FAILED:
                 failures = [self._failure(exit, attempt_logs) for exit in failed]
-                self._event("workers_failed", round=info.round, failed_ranks=[f.rank for f in failures])
+                self._event(AgentEvent.WORKERS_FAILED, round=info.round, failed_ranks=[f.rank for f in failures])
                 if remaining_restarts == 0:
                     return RunResult(failures=failures, attempt_dir=attempt_logs.directory)
                 log.warning(
@@ -153,7 +172,7 @@ class Agent:
         signum = self.signals.read()
         return signal.Signals(signum if signum is not None else signal.SIGTERM)
 
-    def _monitor(self, group: WorkerGroup) -> tuple[str, list[WorkerExit]]:
+    def _monitor(self, group: WorkerGroup) -> tuple[Outcome, list[WorkerExit]]:
         """Wait for the group to succeed, fail, or be overtaken by a node waiting to join."""
         # readable when a node waits to join: a newcomer below MAX, or a member that restarted
         watch = [self.handler.waiting_fd()]
@@ -163,9 +182,9 @@ class Agent:
                 failed = [exit for exit in event.exits if exit.failed]
                 if failed:
                     group.stop()
-                    return "failed", failed
+                    return Outcome.FAILED, failed
                 if len(group.exits) == self.config.nproc_per_node:
-                    return "succeeded", []
+                    return Outcome.SUCCEEDED, []
             elif event.kind == "signal":
                 sig = signal.Signals(event.signum)
                 log.warning("received %s: forwarding it to the workers", sig.name)
@@ -173,7 +192,7 @@ class Agent:
                 raise SignalException(f"Process {os.getpid()} got signal: {sig.value}", sig)
             elif event.kind == "fd" and self.handler.num_nodes_waiting() > 0:
                 group.stop()
-                return "membership", []
+                return Outcome.MEMBERSHIP_CHANGED, []
 
     def _worker_launches(self, info: RendezvousInfo, ranks: Ranks, attempt_logs: AttemptLogs) -> list[WorkerLaunch]:
         bindings = self._numa_bindings()
@@ -278,11 +297,11 @@ class Agent:
 
     def _exit_barrier(self, info: RendezvousInfo) -> None:
         """Keep this node (and the store it may host) up until every node's workers are done."""
-        if len(info.nodes) == 1:
+        if info.world_size == 1:
             return
         started = time.monotonic()
         try:
-            if info.store.add("exit_barrier/count", 1) == len(info.nodes):
+            if info.store.add("exit_barrier/count", 1) == info.world_size:
                 info.store.set("exit_barrier/done", "1")
             info.store.wait(["exit_barrier/done"], EXIT_BARRIER_TIMEOUT)
         except StoreInterrupted:
@@ -290,8 +309,10 @@ class Agent:
         except Exception as error:  # a lost peer must not turn this node's success into a failure
             log.warning("exit barrier ended after %.0f s: %s", time.monotonic() - started, error)
 
-    def _event(self, name: str, **metadata) -> None:
+    def _event(self, event: AgentEvent, **metadata) -> None:
         """Agent events, written as JSON lines when --event-log-handler=console."""
         if self.config.event_log_handler == "console":
-            record = {"name": name, "run_id": self.handler.run_id, "host": self.host, "time": time.time(), **metadata}
+            record = {
+                "name": event.value, "run_id": self.handler.run_id, "host": self.host, "time": time.time(), **metadata
+            }
             print(json.dumps(record), file=sys.stderr, flush=True)

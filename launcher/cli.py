@@ -7,12 +7,15 @@
     launcher --legacy-launch [options] script.py    # torch.distributed.launch (launcher.launch)
 
 Every option also reads its default from ``PET_<NAME>`` (``PET_NPROC_PER_NODE``,
-``PET_NO_PYTHON=1``), as torchrun's do. Only argparse and the standard
-library are imported before the arguments are parsed, so ``--help`` is quick.
+``PET_NO_PYTHON=1``), as torchrun's do. Only argparse, the standard library
+and the launcher's modules that check values are imported before the
+arguments are parsed (not the agent nor the native extensions), so
+``--help`` is quick.
 
 In-process, ``main(argv)`` raises as torch's ``torch.distributed.run.main``
 does: ValueError for a bad flag or value, the launch's own errors otherwise.
-The console script (``main_entry``) turns those into one line and exit 2.
+The ``launcher`` program (launcher.__main__, through launcher.console) turns
+those into one line and exit 2.
 """
 from __future__ import annotations
 
@@ -20,15 +23,24 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import uuid
 from argparse import REMAINDER, Action, ArgumentParser, ArgumentTypeError, Namespace, RawDescriptionHelpFormatter
 from typing import Callable, NoReturn
 
 import launcher
-from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size
-from launcher.rendezvous import BACKENDS, backend_config, parse_endpoint, parse_rdzv_conf
+from launcher.config import LaunchConfig, parse_signals
+from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size, numa_bindings
+from launcher.logs import LogsSpecs, Std
+from launcher.rendezvous.options import (
+    BACKENDS,
+    backend_config,
+    host_ok,
+    parse_min_max_nnodes,
+    parse_rdzv_conf,
+    parse_rdzv_endpoint,
+)
+from launcher.slurm import apply_slurm_defaults
 
 log = logging.getLogger("launcher")
 
@@ -162,16 +174,6 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     return _check(f"one of {', '.join(choices)}", lambda value: value in choices)
 
 
-def parse_min_max_nnodes(nnodes: str) -> tuple[int, int]:
-    """``N`` or ``MIN:MAX`` to (min, max); RuntimeError for more parts, as torch's."""
-    parts = nnodes.split(":")
-    if len(parts) == 1:
-        return int(parts[0]), int(parts[0])
-    if len(parts) == 2:
-        return int(parts[0]), int(parts[1])
-    raise RuntimeError(f'nnodes={nnodes} is not in "MIN:MAX" format')
-
-
 def _nnodes_ok(value: str) -> bool:
     min_nodes, max_nodes = parse_min_max_nnodes(value)
     return 0 < min_nodes <= max_nodes
@@ -181,45 +183,20 @@ def _nproc_ok(value: str) -> bool:
     return value in NPROC_KINDS or int(value) >= 1
 
 
-def _host_ok(host: str) -> bool:
-    """A host name, an IPv4 address, or an IPv6 address in brackets."""
-    return bool(re.fullmatch(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]", host))
-
-
-def _address_ok(address: str) -> bool:
-    """As ``_host_ok``, or an IPv6 address without brackets."""
-    return _host_ok(address) or bool(re.fullmatch(r"[0-9A-Fa-f]*:[0-9A-Fa-f:.]+", address))
-
-
 def _endpoint_ok(endpoint: str) -> bool:
-    """The rendezvous' ``host[:port]`` syntax, or a comma list of those (etcd), each with an optional http(s)://."""
-    for item in endpoint.split(",") if endpoint else ():
-        parse_endpoint(re.sub(r"^https?://", "", item.strip()), default_port=0)
-    return True
-
-
-def rendezvous_config(text: str) -> dict[str, str]:
-    """``--rdzv-conf`` to a dict (the rendezvous' parser); one pair of quotes around it is dropped.
-
-    torch's own tests pass ``--rdzv-conf='timeout=5'`` without a shell to remove the quotes.
-    """
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        text = text[1:-1]
-    return parse_rdzv_conf(text)
+    """Some backend's --rdzv-endpoint: etcd's syntax is the widest (config_from_args checks the backend's own)."""
+    return not endpoint or bool(parse_rdzv_endpoint("etcd", endpoint))
 
 
 def _rdzv_conf(value: str) -> str:
     try:
-        rendezvous_config(value)
+        parse_rdzv_conf(value)
     except ValueError as error:
         raise ArgumentTypeError(str(error)) from None
     return value
 
 
 def _std(value: str) -> str:
-    from launcher.logs import Std
-
     try:
         Std.from_str(value)
     except ValueError as error:
@@ -240,8 +217,6 @@ def comma_separated_list(value: str) -> list[str]:
 
 
 def _signals(value: str) -> str:
-    from launcher.api import parse_signals
-
     try:
         if not parse_signals(value):
             raise ValueError(f"expected a comma-separated list of signal names such as SIGTERM,SIGUSR1, got {value!r}")
@@ -372,13 +347,13 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
         help="Rank of the node for multi-node distributed training. It is only used for static rendezvous "
         "(i.e., when --rdzv-backend=static).")
     add("--master-addr", "--master_addr", action=EnvDefault, default="127.0.0.1",
-        type=_check("a host name, an IPv4 address or an IPv6 address in brackets", _host_ok),
+        type=_check("a host name, an IPv4 address or an IPv6 address in brackets", host_ok),
         help="Address of the master node (rank 0), only used for static rendezvous. IPv6 should have the "
         "pattern `[0:0:0:0:0:0:0:1]`.")
     add("--master-port", "--master_port", action=EnvDefault, type=_integer(0, 65535), default=None,
         help="Port on the master node (rank 0), only used for static rendezvous. Defaults to 29500.")
     add("--local-addr", "--local_addr", action=EnvDefault, default=None,
-        type=_check("a host name or an IP address", _address_ok),
+        type=_check("a host name or an IP address", lambda value: host_ok(value, bare_ipv6=True)),
         help="Address of the local node. If specified, will use the given address for connection. Else, it "
         "will be default to local machine's FQDN.")
     add("--logs-specs", "--logs_specs", action=EnvDefault, default=None,
@@ -421,9 +396,6 @@ def config_from_args(args: Namespace):
     process's environment (the workers inherit it) when more than one worker
     runs per node and the user has not set it.
     """
-    from launcher.api import LaunchConfig
-    from launcher.logs import LogsSpecs, Std
-
     min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
     nproc_per_node = determine_local_world_size(args.nproc_per_node)
     if "OMP_NUM_THREADS" not in os.environ and nproc_per_node > 1:
@@ -439,9 +411,9 @@ def config_from_args(args: Namespace):
         )
         os.environ["OMP_NUM_THREADS"] = str(omp_num_threads)
 
-    rdzv_configs: dict = rendezvous_config(args.rdzv_conf)
+    rdzv_configs: dict = parse_rdzv_conf(args.rdzv_conf)
     try:
-        backend_config(args.rdzv_backend, rdzv_configs)
+        backend_options = backend_config(args.rdzv_backend, rdzv_configs)
     except ValueError as error:
         raise UsageError(f"argument --rdzv-conf: {error}") from None
     if args.rdzv_backend == "static":
@@ -451,13 +423,12 @@ def config_from_args(args: Namespace):
             )
         rdzv_configs["rank"] = args.node_rank
     rdzv_endpoint = args.rdzv_endpoint
-    if args.rdzv_backend in ("static", "c10d") and ("," in rdzv_endpoint or "://" in rdzv_endpoint):
-        raise UsageError(
-            f"argument --rdzv-endpoint: {args.rdzv_backend} takes one <host>[:<port>] (lists and URLs are for etcd), "
-            f"got {rdzv_endpoint!r}"
-        )
     if args.rdzv_backend == "static" and not rdzv_endpoint:
         rdzv_endpoint = f"{args.master_addr}:{args.master_port}"
+    try:
+        parse_rdzv_endpoint(args.rdzv_backend, rdzv_endpoint, backend_options.get("protocol"))
+    except ValueError as error:
+        raise UsageError(f"argument --rdzv-endpoint: {error}") from None
 
     _check_logs_specs(args.logs_specs)
     local_ranks_filter = {int(rank) for rank in args.local_ranks_filter.split(",")} if args.local_ranks_filter else None
@@ -562,8 +533,6 @@ def _numa_binding(mode: str | None, nproc_per_node: int) -> str | None:
     """The mode to pass on, checked here so a bad topology fails before any worker starts."""
     if mode is None:
         return None
-    from launcher.devices import numa_bindings
-
     if numa_bindings(mode, nproc_per_node) is None:
         log.warning("--numa-binding=%s is ignored: no GPUs are visible on this node", mode)
         return None
@@ -578,8 +547,6 @@ def prepare_launch(args: Namespace):
     without endpoint or master port and at most one node becomes c10d on a
     free loopback port (keeping a --rdzv-id the user gave).
     """
-    from launcher.slurm import apply_slurm_defaults
-
     if args.standalone:
         ignored = [
             f"--{name.replace('_', '-')}={getattr(args, name)}"
@@ -621,79 +588,3 @@ def run(args: Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """torchrun's ``main``: parse, launch, raise on failure (ValueError for bad flags and values)."""
     run(parse_args(argv))
-
-
-# Console ----------------------------------------------------------------------------------------
-
-
-class GlogFormatter(logging.Formatter):
-    """``W1121 11:39:49.123 <pid> launcher] message``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = self.formatTime(record, "%m%d %H:%M:%S")
-        level = record.levelname[0]
-        line = f"{level}{stamp}.{int(record.msecs):03d} {record.process} {record.name}] {record.getMessage()}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-def setup_logging() -> None:
-    """The launcher's log lines, glog-like on stderr, at ``$LOGLEVEL`` (default WARNING, as torchrun)."""
-    level = os.environ.get("LOGLEVEL", "WARNING").upper()
-    if not isinstance(logging.getLevelName(level), int):
-        raise UsageError(f"LOGLEVEL: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(GlogFormatter())
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-
-
-def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable) -> NoReturn:
-    """Run a launch from the command line and exit.
-
-    0 done, 1 failed (workers or rendezvous), 2 usage, 128+N signal N.
-    """
-    try:
-        setup_logging()
-        config, entrypoint, args = prepare(parse(sys.argv[1:]))
-    except ValueError as error:
-        message = " ".join(str(error).split("\n"))
-        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(128 + signal.SIGINT)
-    from launcher.errors import ChildFailedError, SignalException
-    from launcher.rendezvous import RendezvousError
-
-    try:
-        launch(config, entrypoint, args)
-    except ValueError as error:  # a value only the launch could check, such as the rendezvous' parameters
-        print(f"{prog}: error: {' '.join(str(error).split())} (see {prog} --help)", file=sys.stderr)
-        sys.exit(2)
-    except ChildFailedError as error:
-        print(error, file=sys.stderr)
-        sys.exit(1)
-    except RendezvousError as error:  # one line saying what, where and how long: no traceback to add
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except SignalException as error:
-        sys.exit(128 + int(error.sigval))
-    sys.exit(0)
-
-
-LEGACY_LAUNCH = "--legacy-launch"
-
-
-def main_entry() -> NoReturn:
-    """The ``launcher`` console script and ``python -m launcher``; ``--legacy-launch`` first: ``launcher.launch``'s.
-
-    The dispatch lets the single binary, which runs no ``-m``, be torch.distributed.launch too.
-    """
-    if sys.argv[1:2] == [LEGACY_LAUNCH]:
-        from launcher import launch
-
-        del sys.argv[1]  # the rest is the legacy launcher's command line
-        launch.main_entry(prog=f"launcher {LEGACY_LAUNCH}")
-    console_main("launcher", parse_args, prepare_launch)

@@ -12,6 +12,7 @@ from argparse import ArgumentParser, Namespace
 from typing import NoReturn
 
 from launcher import cli
+from launcher.console import console_main
 
 log = logging.getLogger("launcher")
 
@@ -56,7 +57,7 @@ def main(args: list[str] | None = None) -> None:
 
 def main_entry(prog: str = PROG) -> NoReturn:
     """The command line; ``prog`` names it in usage and errors (``launcher --legacy-launch`` for the binary)."""
-    cli.console_main(prog, get_args_parser(prog).parse_args, prepare_launch)
+    console_main(prog, get_args_parser(prog).parse_args, prepare_launch)
 
 
 if __name__ == "__main__":

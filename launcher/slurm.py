@@ -28,7 +28,7 @@ import re
 from argparse import Namespace
 from collections.abc import Mapping
 
-from launcher.rendezvous import C10D_DEFAULT_PORT
+from launcher.rendezvous.options import C10D_DEFAULT_PORT, parse_min_max_nnodes
 
 log = logging.getLogger("launcher")
 
@@ -142,7 +142,7 @@ def apply_slurm_defaults(args: Namespace, environ: Mapping[str, str]) -> list[st
             )
         args.nnodes = str(nodes)
         taken.append(f"--nnodes={nodes} ({name})")
-    max_nodes = int(args.nnodes.split(":")[-1])
+    _, max_nodes = parse_min_max_nnodes(args.nnodes)
     if max_nodes == 1 or "rdzv_endpoint" in explicit:
         return _report(environ, taken)
     hosts_name, hostlist = _first(environ, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST")

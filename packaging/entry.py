@@ -88,7 +88,7 @@ def main() -> None:
     if bootloader.gone():  # it died before the parent-death signal was armed
         os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
 
-    from launcher.cli import main_entry
+    from launcher.__main__ import main_entry
 
     try:
         main_entry()

@@ -15,6 +15,7 @@ import pytest
 from helpers import WORKERS, clean_env, help_imports, run_launcher
 
 from launcher import cli
+from launcher.rendezvous.options import parse_min_max_nnodes, parse_rdzv_conf
 
 pytestmark = pytest.mark.usefixtures("isolated_environment")
 
@@ -284,10 +285,10 @@ def test_nproc_launch_unknown_configurations():
 
 
 def test_min_max_nodes_parse():
-    assert cli.parse_min_max_nnodes("1") == (1, 1)
-    assert cli.parse_min_max_nnodes("2:20") == (2, 20)
+    assert parse_min_max_nnodes("1") == (1, 1)
+    assert parse_min_max_nnodes("2:20") == (2, 20)
     with pytest.raises(RuntimeError):
-        cli.parse_min_max_nnodes("2:20:30")
+        parse_min_max_nnodes("2:20:30")
 
 
 def test_logs_logs_spec_entrypoint_must_be_defined():
@@ -417,11 +418,11 @@ def test_rdzv_conf_parsing_strips_quotes():
     config, _, _ = prepare("--rdzv-backend=c10d", "--rdzv-endpoint=head:29400",
                            "--rdzv-conf='join_timeout=5,last_call_timeout=1,timeout=5'")
     assert config.rdzv_configs == {"join_timeout": "5", "last_call_timeout": "1", "timeout": "5"}
-    assert cli.rendezvous_config('"read_timeout=7"') == {"read_timeout": "7"}
+    assert parse_rdzv_conf('"read_timeout=7"') == {"read_timeout": "7"}
 
 
 @pytest.mark.parametrize("endpoint", ["head", "head:29400", "10.0.0.1:1", "[::1]:29400", "[fe80::1]",
-                                      "etcd1:2379,etcd2:2379", "http://etcd:2379"])
+                                      "etcd1:2379,etcd2:2379", "http://etcd:2379", "https://etcd:2379/"])
 def test_rendezvous_endpoints_accepted(endpoint):
     config, _, _ = prepare("--rdzv-backend=etcd", f"--rdzv-endpoint={endpoint}")
     assert config.rdzv_endpoint == endpoint
@@ -481,7 +482,8 @@ def test_omp_num_threads_of_the_user_is_kept(monkeypatch, caplog):
     assert os.environ["OMP_NUM_THREADS"] == "8" and caplog.text == ""
 
 
-def test_numa_binding_without_gpus_is_ignored_with_one_line(fake_nvml, monkeypatch, caplog):
+@pytest.mark.usefixtures("fake_nvml")
+def test_numa_binding_without_gpus_is_ignored_with_one_line(monkeypatch, caplog):
     monkeypatch.setenv("FAKE_NVML_UUIDS", "")
     with caplog.at_level(logging.WARNING, logger="launcher"):
         config, _, _ = prepare("--numa-binding=node")
@@ -490,12 +492,14 @@ def test_numa_binding_without_gpus_is_ignored_with_one_line(fake_nvml, monkeypat
     assert record.getMessage() == "--numa-binding=node is ignored: no GPUs are visible on this node"
 
 
-def test_numa_binding_with_gpus_is_checked_before_launch(fake_nvml, monkeypatch):
+@pytest.mark.usefixtures("fake_nvml")
+def test_numa_binding_with_gpus_is_checked_before_launch():
     with pytest.raises(ValueError, match="--numa-binding"):
         prepare("--numa-binding=exclusive", "--nproc-per-node=4")  # 3 fake GPUs
 
 
-def test_nproc_gpu_with_three_fake_gpus(fake_nvml):
+@pytest.mark.usefixtures("fake_nvml")
+def test_nproc_gpu_with_three_fake_gpus():
     assert prepare("--nproc-per-node=gpu")[0].nproc_per_node == 3
     assert prepare("--nproc-per-node=auto")[0].nproc_per_node == 3
 

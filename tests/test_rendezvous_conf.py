@@ -1,16 +1,12 @@
-"""Bad rendezvous input is one clear ValueError saying what is valid."""
+"""--rdzv-conf and --rdzv-endpoint: what is accepted; bad input is one clear ValueError saying what is valid."""
 import re
 
 import pytest
+from conftest import run_launcher
 
-from launcher.rendezvous import (
-    OPTIONS,
-    RendezvousParameters,
-    backend_config,
-    create_handler,
-    parse_endpoint,
-    parse_rdzv_conf,
-)
+from launcher.rendezvous import RendezvousParameters, create_handler
+from launcher.rendezvous.options import OPTIONS, backend_config, parse_endpoint, parse_rdzv_conf
+from launcher.store import get_free_port
 
 
 def params(**overrides):
@@ -22,12 +18,25 @@ def params(**overrides):
 def test_rdzv_conf_parses_torchrun_syntax():
     assert parse_rdzv_conf("") == {}
     assert parse_rdzv_conf("'join_timeout=5'") == {"join_timeout": "5"}
+    assert parse_rdzv_conf("'\"join_timeout=5\"'") == {"join_timeout": "5"}
+    assert parse_rdzv_conf("\"'join_timeout=5'\"") == {"join_timeout": "5"}
     assert parse_rdzv_conf('cacert="/a b/ca.pem",timeout=7') == {"cacert": "/a b/ca.pem", "timeout": "7"}
     assert parse_rdzv_conf(" join_timeout = 10 , is_host=true,last_call_timeout=1") == {
         "join_timeout": "10",
         "is_host": "true",
         "last_call_timeout": "1",
     }
+
+
+# The quotes a shell would remove may reach the launcher: one pair, or two where a program quoted twice.
+@pytest.mark.parametrize("conf", ["'\"timeout=1\"'", "\"'timeout=1'\"", "'timeout=1'", "timeout='1'", 'timeout="1"'])
+def test_quoted_rdzv_conf_applies_through_the_command_line(conf):
+    # Node rank 0 of 2 alone: it waits the timeout, 1 s, not the default 900 s, then fails with one line.
+    result = run_launcher("--nnodes=2", "--node-rank=0", f"--master-port={get_free_port()}", f"--rdzv-conf={conf}",
+                          "--no-python", "true")
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("launcher: error: static rendezvous") and "timed out" in line
 
 
 @pytest.mark.parametrize(
@@ -129,6 +138,8 @@ def test_malformed_endpoints(endpoint, says):
         ({"run_id": ""}, "run id"),
         ({"local_world_size": 0}, "at least 1 worker"),
         ({"endpoint": "host:99999"}, "port '99999' is not 0-65535"),
+        ({"endpoint": "a:1,b:2"}, r"c10d takes one <host>\[:<port>\] \(lists and URLs are for etcd\)"),
+        ({"backend": "static", "endpoint": "http://a:1", "config": {"rank": 0}}, "static takes one <host>"),
         ({"config": {"bogus": "1"}}, "'bogus' does not apply to the c10d"),
         ({"backend": "static", "endpoint": "127.0.0.1:29500", "min_nodes": 1, "max_nodes": 2, "config": {"rank": 0}},
          "static rendezvous needs a fixed number of nodes"),

@@ -13,13 +13,20 @@ node's address and local world size, and the workers' store (``MASTER_ADDR``
 / ``MASTER_PORT``), which is fresh for every round of c10d and etcd and
 cleared between rounds for static, so a restarted attempt never sees the
 keys of the previous one.
+
+The backends' names, options (``--rdzv-conf``) and endpoint syntax are in
+``options.py``, which the command line checks its values with. The handlers
+(``static.py``; ``dynamic.py`` for ``c10d.py`` and ``etcd.py``) share their
+state's key-value interface and the TCP store's implementation of it
+(``keyvalue.py``) and their background threads (``background.py``).
 """
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+
+from launcher.rendezvous.options import BACKENDS, backend_config
 
 __all__ = [
     "NodeInfo",
@@ -30,18 +37,8 @@ __all__ = [
     "RendezvousInfo",
     "RendezvousParameters",
     "RendezvousTimeoutError",
-    "BACKENDS",
     "create_handler",
-    "parse_endpoint",
-    "parse_rdzv_conf",
 ]
-
-BACKENDS = ("c10d", "etcd", "static")
-C10D_DEFAULT_PORT = 29400  # torchrun's, for a c10d endpoint given without a port
-
-# Wire prefix of every key the agents (not the workers) keep in the workers'
-# store: the static backend clears everything else between rounds.
-AGENT_KEY_PREFIX = "launcher"
 
 
 class RendezvousError(Exception):
@@ -100,7 +97,6 @@ class RendezvousInfo:
 class RendezvousHandler(ABC):
     """What the agent calls; one instance per agent (node)."""
 
-    backend: str
     run_id: str
 
     @abstractmethod
@@ -134,183 +130,6 @@ class RendezvousHandler(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Leave, and close the rendezvous when no other node of this node's round is left."""
-
-
-# --------------------------------------------------------------------------
-# --rdzv-conf
-
-
-def _positive_int(key: str, value: Any) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise ValueError(f"--rdzv-conf {key}={value}: expected a positive whole number of seconds or times")
-    return number
-
-
-def _non_negative_int(key: str, value: Any) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise ValueError(f"--rdzv-conf {key}={value}: expected a whole number >= 0")
-    return number
-
-
-def _bool(key: str, value: Any) -> bool:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "t", "yes", "y"):
-        return True
-    if text in ("0", "false", "f", "no", "n"):
-        return False
-    raise ValueError(f"--rdzv-conf {key}={value}: expected true or false (also 1/0, yes/no)")
-
-
-def _choice(*choices: str) -> Callable[[str, Any], str]:
-    def parse(key: str, value: Any) -> str:
-        text = str(value).strip().lower()
-        if text not in choices:
-            raise ValueError(f"--rdzv-conf {key}={value}: expected one of {', '.join(choices)}")
-        return text
-
-    return parse
-
-
-def _text(key: str, value: Any) -> str:
-    return str(value).strip()
-
-
-@dataclass(frozen=True)
-class _Option:
-    backends: tuple[str, ...]
-    default: Any  # None: unset unless given
-    parse: Callable[[str, Any], Any]
-    help: str
-
-
-_DYNAMIC = ("c10d", "etcd")
-
-# torchrun 2.13's keys (dynamic_rendezvous.py, c10d_rendezvous_backend.py,
-# etcd_rendezvous.py, static_tcp_rendezvous.py) with their defaults.
-OPTIONS: dict[str, _Option] = {
-    "join_timeout": _Option(_DYNAMIC, 600, _positive_int, "seconds a node waits for a round to complete"),
-    "last_call_timeout": _Option(
-        _DYNAMIC, 30, _positive_int, "seconds to wait for more nodes once the minimum has joined"
-    ),
-    "close_timeout": _Option(_DYNAMIC, 30, _positive_int, "seconds shutdown() may take to close the rendezvous"),
-    "heartbeat_timeout": _Option(_DYNAMIC, 5, _positive_int, "seconds one keep-alive heartbeat may take"),
-    "keep_alive_interval": _Option(_DYNAMIC, 5, _positive_int, "seconds between a node's heartbeats"),
-    "keep_alive_max_attempt": _Option(
-        _DYNAMIC, 3, _positive_int, "missed heartbeats after which a node counts as dead"
-    ),
-    "read_timeout": _Option(
-        _DYNAMIC, 60, _positive_int, "seconds to reach the store or etcd, and for one operation on it"
-    ),
-    "timeout": _Option(
-        ("static",) + _DYNAMIC,
-        600,
-        _positive_int,
-        "static: seconds to wait for every node; c10d/etcd: accepted, no effect (use join_timeout)",
-    ),
-    "is_host": _Option(("c10d",), None, _bool, "whether this node hosts the c10d store (default: guessed)"),
-    "store_type": _Option(("c10d",), "tcp", _choice("tcp"), "the c10d store: tcp"),
-    "protocol": _Option(("etcd",), None, _choice("http", "https"), "etcd scheme for endpoints given without one"),
-    "cacert": _Option(("etcd",), None, _text, "CA certificate file to verify etcd (https)"),
-    "cert": _Option(("etcd",), None, _text, "client certificate file for etcd (https)"),
-    "key": _Option(("etcd",), None, _text, "private key file of the client certificate"),
-    "etcd_prefix": _Option(("etcd",), "/launcher/rendezvous", _text, "etcd key prefix; the run id goes below it"),
-}
-
-# Set by the launcher itself from --node-rank, not through --rdzv-conf.
-_STATIC_RANK = "rank"
-
-
-def _unquote(text: str) -> str:
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
-
-
-def parse_rdzv_conf(text: str) -> dict[str, str]:
-    """Parse ``--rdzv-conf`` (``key1=value1,key2=value2``), torchrun's syntax.
-
-    One pair of quotes around the whole or around a value is dropped (torch's
-    tests pass ``--rdzv-conf='timeout=5'`` without a shell). Unknown keys raise
-    ValueError listing the valid ones.
-    """
-    config: dict[str, str] = {}
-    text = _unquote(text.strip())
-    if not text:
-        return config
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), _unquote(value.strip())
-        if not key:
-            raise ValueError(f"--rdzv-conf '{text}': expected key1=value1,...,keyN=valueN")
-        if not sep or not value:
-            raise ValueError(f"--rdzv-conf option '{key}' has no value; expected {key}=VALUE")
-        if key not in OPTIONS:
-            raise ValueError(f"unknown --rdzv-conf key '{key}'; valid keys: {', '.join(sorted(OPTIONS))}")
-        config[key] = value
-    return config
-
-
-def backend_config(backend: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Every option of ``backend``: the given ones parsed and checked, the others at their default."""
-    valid = sorted(name for name, option in OPTIONS.items() if backend in option.backends)
-    for key in config:
-        if key == _STATIC_RANK and backend == "static":
-            continue
-        if key not in valid:
-            raise ValueError(
-                f"--rdzv-conf key '{key}' does not apply to the {backend} rendezvous backend; "
-                f"valid keys for {backend}: {', '.join(valid)}"
-            )
-    return {
-        name: OPTIONS[name].parse(name, config[name]) if name in config else OPTIONS[name].default
-        for name in valid
-    }
-
-
-# --------------------------------------------------------------------------
-# Endpoints
-
-_HOST = re.compile(r"^[\w.:-]+$")
-
-
-def parse_endpoint(endpoint: str, default_port: int | None, what: str = "--rdzv-endpoint") -> tuple[str, int]:
-    """``host[:port]`` or ``[v6]:port`` -> (host, port), torchrun's syntax.
-
-    ``default_port`` None means the port is required.
-    """
-    text = endpoint.strip()
-    example = "HOST:PORT such as node1:29400 or [::1]:29400"
-    if not text:
-        raise ValueError(f"{what} is empty; expected {example}")
-    if text.startswith("[") and text.endswith("]"):
-        host, port_text = text[1:-1], None
-    elif text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"malformed {what} '{endpoint}'; expected {example}")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" in text:  # "::1:29400" could be either: say how to write it
-        raise ValueError(f"{what} '{endpoint}': put an IPv6 address in brackets; expected {example}")
-    else:
-        host, port_text = text, None
-    if not host or not _HOST.match(host):
-        raise ValueError(f"malformed {what} '{endpoint}': bad host '{host}'; expected {example}")
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"{what} '{endpoint}' has no port; expected {example}")
-        return host, default_port
-    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
-        raise ValueError(f"malformed {what} '{endpoint}': port '{port_text}' is not 0-65535; expected {example}")
-    return host, int(port_text)
 
 
 # --------------------------------------------------------------------------

@@ -34,17 +34,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import socket
-import threading
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from launcher.rendezvous import (
-    AGENT_KEY_PREFIX,
     NodeInfo,
     RendezvousClosedError,
     RendezvousError,
@@ -53,11 +47,11 @@ from launcher.rendezvous import (
     RendezvousParameters,
     RendezvousTimeoutError,
 )
-from launcher.store import DistNetworkError, PrefixStore, StoreInterrupted, StoreServer, TCPStore
+from launcher.rendezvous.background import BackgroundThread, WaitingNodes
+from launcher.rendezvous.keyvalue import STATUS_INTERVAL, Connect, agents_store, node_address, node_id
+from launcher.store import DistNetworkError, StoreInterrupted, StoreServer, TCPStore
 
 log = logging.getLogger("launcher.rendezvous")
-
-STATUS_INTERVAL = 5.0  # seconds between two "still waiting" lines
 
 
 @dataclass(frozen=True)
@@ -94,67 +88,6 @@ class Settings:
         return self.keep_alive_interval * self.keep_alive_max_attempt
 
 
-class KeyValueBackend(ABC):
-    """One connection to the state of one run (keys are relative to the run).
-
-    Every call may block up to the read timeout and raises
-    RendezvousConnectionError when the state cannot be reached, or
-    StoreInterrupted when the connection's interrupt fd becomes readable.
-    """
-
-    @abstractmethod
-    def get(self, key: str) -> bytes | None:
-        """The value of ``key``, None when it does not exist (never waits for it)."""
-
-    @abstractmethod
-    def compare_set(self, key: str, expected: bytes | None, value: bytes) -> bytes:
-        """Set ``key`` to ``value`` if it holds ``expected`` (None: absent); return what it holds now."""
-
-    @abstractmethod
-    def set(self, key: str, value: bytes) -> None:
-        """Set ``key`` unconditionally."""
-
-    @abstractmethod
-    def wait(self, key: str, timeout: float) -> bytes | None:
-        """The value of ``key`` once it exists; None if it does not within ``timeout`` seconds."""
-
-    @abstractmethod
-    def join(self, round: int, node_id: str, record: bytes) -> int:
-        """Add a record to the round's join list; return how many records it holds now."""
-
-    @abstractmethod
-    def joined(self, round: int) -> list[bytes]:
-        """The round's join records, in join order."""
-
-    @abstractmethod
-    def wait_joined(self, round: int, count: int, timeout: float) -> int:
-        """Wait until the round has more than ``count`` join records; return how many it has."""
-
-    @abstractmethod
-    def heartbeat(self, node_id: str) -> None:
-        """Mark ``node_id`` alive for the next ``Settings.liveness`` seconds."""
-
-    @abstractmethod
-    def mark_left(self, node_id: str) -> None:
-        """Mark ``node_id`` gone now."""
-
-    @abstractmethod
-    def alive(self, node_ids: list[str]) -> set[str]:
-        """Those of ``node_ids`` whose heartbeat is fresh and that have not left."""
-
-    @abstractmethod
-    def set_timeout(self, timeout: float) -> None:
-        """From now on every call may take at most ``timeout`` seconds."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Close the connection."""
-
-
-# Opens a connection whose calls take at most timeout seconds and end once interrupt_fd is readable.
-Connect = Callable[[int, float], KeyValueBackend]
-
-
 class Member(NamedTuple):
     """A node in a round; encoded as a JSON array, which every node decodes fast."""
 
@@ -179,7 +112,6 @@ def _deadline_key(round: int) -> str:
     return f"last_call/{round}"
 
 
-_LATEST = "latest"  # a hint: the number of the latest completed round
 _NO_DEADLINE = b"none"
 
 
@@ -208,56 +140,7 @@ class _RoundView:
     no_place: bool  # we are a newcomer and the running round has max_nodes live members
 
 
-class Signal:
-    """A pipe whose read end (``fd``) is readable once set, until cleared."""
-
-    def __init__(self):
-        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def set(self) -> None:
-        try:
-            os.write(self._write_fd, b"!")
-        except BlockingIOError:
-            pass  # full: readable anyway
-
-    def clear(self) -> None:
-        try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.close(self._write_fd)
-
-
-class _Background(threading.Thread):
-    """A daemon thread on a connection of its own, stopped through that connection's interrupt fd."""
-
-    def __init__(self, connect: Connect, timeout: float, name: str):
-        super().__init__(name=name, daemon=True)
-        self._wake = Signal()
-        try:
-            self.kv = connect(self._wake.fd, timeout)
-        except BaseException:
-            self._wake.close()
-            raise
-        self._stopping = threading.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self.is_alive():
-            self.join()
-        self._wake.clear()
-
-    def close(self) -> None:
-        self.kv.close()
-        self._wake.close()
-
-
-class _Heartbeat(_Background):
+class _Heartbeat(BackgroundThread):
     def __init__(self, connect: Connect, node_id: str, settings: Settings):
         super().__init__(connect, settings.heartbeat_timeout, f"rendezvous-heartbeat-{node_id}")
         self._node_id = node_id
@@ -275,29 +158,6 @@ class _Heartbeat(_Background):
                 if not failing:
                     log.warning("rendezvous heartbeat failed: %s", exc)
                 failing = True
-
-
-class ArrivalWatcher(_Background):
-    """Sets ``notify`` whenever a node joins ``round`` (the round after ours)."""
-
-    def __init__(self, connect: Connect, round: int, notify: Signal, poll: float):
-        super().__init__(connect, poll, f"rendezvous-watch-{round}")
-        self._round = round
-        self._notify = notify
-        self._poll = poll
-
-    def run(self) -> None:
-        count = 0
-        try:
-            while not self._stopping.is_set():
-                now = self.kv.wait_joined(self._round, count, self._poll)
-                if now > count:
-                    count = now
-                    self._notify.set()
-        except StoreInterrupted:
-            return
-        except RendezvousError as exc:
-            log.warning("rendezvous: stopped watching for waiting nodes: %s", exc)
 
 
 class _LazyStore:
@@ -322,22 +182,20 @@ class _LazyStore:
 class DynamicRendezvousHandler(RendezvousHandler):
     def __init__(
         self,
-        backend: str,
         where: str,
         settings: Settings,
         connect: Connect,
         params: RendezvousParameters,
         owned: list | None = None,
     ):
-        self.backend = backend
         self.run_id = settings.run_id
         self._where = where  # for messages: "c10d store 127.0.0.1:29400"
         self._settings = settings
         self._connect = connect
-        addr = params.local_addr or socket.getfqdn()
+        addr = node_address(params.local_addr)
         self._bind_addr = params.local_addr
         self._me = Member(
-            id=f"{addr}_{os.getpid()}_{secrets.token_hex(4)}",
+            id=node_id(addr),
             addr=addr,
             local_world_size=params.local_world_size,
             role=params.role,
@@ -347,8 +205,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._kv = connect(params.interrupt_fd, settings.read_timeout)
         self._owned = owned or []  # closed with the handler: the c10d host's store
         self._closed = False
-        self._watcher: ArrivalWatcher | None = None
-        self._waiting = Signal()
+        self._waiting = WaitingNodes()
         self._round: int | None = None  # the latest round this node is a member of
         self._next_round = 0  # the round to join next
         self._members: list[list] = []  # rows of the round's done record
@@ -362,7 +219,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         try:
             self._start_heartbeat()
             self._server = self._listen()
-            self._next_round = self._open_round()
+            self._next_round = self._kv.open_round()
         except BaseException:
             self._leave(close_if_last=False)
             self._close()
@@ -396,7 +253,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 rank = next((i for i, row in enumerate(members) if row[0] == self._me.id), None)
                 if rank is not None:
                     break
-                round = max(round + 1, self._open_round())  # completed without us
+                round = max(round + 1, self._kv.open_round())  # completed without us
         except (RendezvousTimeoutError, RendezvousClosedError):
             self._leave(close_if_last=False)  # given up: do not let a round count on us
             raise
@@ -415,7 +272,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
             nodes=[NodeInfo(addr, size, role) for _, addr, size, role, _ in members],
             master_addr=master.addr,
             master_port=master.port,
-            store=PrefixStore(f"{AGENT_KEY_PREFIX}/agent/{round}", self._agent_store),
+            store=agents_store(round, self._agent_store),
         )
 
     def num_nodes_waiting(self) -> int:
@@ -438,9 +295,8 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def waiting_fd(self) -> int:
         # The watcher starts when the agent first asks, after the round: joining need not wait for it.
-        if self._watcher is None and self._round is not None:
-            self._watcher = ArrivalWatcher(self._connect, self._round + 1, self._waiting, self._settings.read_timeout)
-            self._watcher.start()
+        if not self._waiting.watching and self._round is not None:
+            self._waiting.watch(self._connect, self._round + 1, self._settings.read_timeout)
         return self._waiting.fd
 
     def leave(self) -> None:
@@ -454,11 +310,6 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._close()
 
     # -- rounds -------------------------------------------------------------
-
-    def _open_round(self) -> int:
-        """The round after the latest completed one, as far as the hint knows."""
-        latest = self._kv.get(_LATEST)
-        return 0 if latest is None else int(latest) + 1
 
     def _listen(self) -> StoreServer:
         """A server for the workers' store: on the address we were given, else on every address."""
@@ -560,7 +411,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         record = json.dumps({"nodes": members}, separators=(",", ":")).encode()
         held = self._kv.compare_set(_done_key(round), None, record)
         if held == record:
-            self._kv.set(_LATEST, str(round).encode())
+            self._kv.round_completed(round)
         return held
 
     def _records(self, round: int) -> list[Member]:
@@ -593,10 +444,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def _end_round(self) -> None:
         """Stop what belongs to the current round: the watcher and the workers' store."""
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher.close()
-            self._watcher = None
+        self._waiting.stop()
         if self._agent_store is not None:
             self._agent_store.close()
             self._agent_store = None

@@ -17,7 +17,7 @@ Keys, below ``<etcd_prefix>/<run id>/``::
     alive/<node>              attached to the node's own lease (TTL: the
                               keep-alive liveness); gone = dead or left
     r/<round>/join/<node>     join records, in create-revision order
-    done/<round>, last_call/<round>, latest   (see dynamic.py)
+    done/<round>, last_call/<round>, latest   (see dynamic.py and keyvalue.py)
 """
 from __future__ import annotations
 
@@ -33,60 +33,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from launcher.rendezvous import (
-    RendezvousConnectionError,
-    RendezvousError,
-    RendezvousHandler,
-    RendezvousParameters,
-    parse_endpoint,
-)
-from launcher.rendezvous.dynamic import DynamicRendezvousHandler, KeyValueBackend, Settings
+from launcher.rendezvous import RendezvousConnectionError, RendezvousError, RendezvousHandler, RendezvousParameters
+from launcher.rendezvous.dynamic import DynamicRendezvousHandler, Settings
+from launcher.rendezvous.keyvalue import KeyValueBackend
+from launcher.rendezvous.options import Endpoint, parse_rdzv_endpoint
 from launcher.store import StoreInterrupted
 
 if TYPE_CHECKING:  # imported for https endpoints only (see above)
     import ssl
 
-DEFAULT_PORT = 2379
 RUN_TTL = 7200  # seconds the run's keys outlive its last heartbeat
 RUN_KEEPALIVE_INTERVAL = 60.0
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    scheme: str  # "http" or "https"
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-
-def parse_endpoints(text: str, protocol: str | None) -> list[Endpoint]:
-    """``--rdzv-endpoint`` for etcd: comma-separated ``[http(s)://]host[:port]``."""
-    endpoints = []
-    for item in text.split(","):
-        item = item.strip()
-        scheme = protocol or "http"
-        if "://" in item:
-            scheme, _, item = item.partition("://")
-            if scheme not in ("http", "https"):
-                raise ValueError(
-                    f"malformed etcd --rdzv-endpoint '{text}': scheme '{scheme}' is not http or https; "
-                    "expected comma-separated [http://|https://]HOST[:PORT]"
-                )
-            if protocol and protocol != scheme:
-                raise ValueError(f"etcd endpoint '{scheme}://{item}' contradicts --rdzv-conf protocol={protocol}")
-        if item.endswith("/"):
-            item = item[:-1]
-        if "/" in item:
-            raise ValueError(
-                f"malformed etcd --rdzv-endpoint '{text}': '{item}' has a path; "
-                "expected comma-separated [http://|https://]HOST[:PORT]"
-            )
-        host, port = parse_endpoint(item, DEFAULT_PORT, what="etcd --rdzv-endpoint")
-        endpoints.append(Endpoint(scheme, host, port))
-    return endpoints
 
 
 def _b64(data: str | bytes) -> str:
@@ -246,7 +203,7 @@ class EtcdClient:
             self._connection = None
 
     def where(self) -> str:
-        return "etcd " + ",".join(map(str, self.endpoints))
+        return _where(self.endpoints)
 
     def _connect(self, deadline: float) -> _Connection:
         endpoint = self.endpoints[self._next % len(self.endpoints)]
@@ -553,6 +510,10 @@ class EtcdBackend(KeyValueBackend):
         self._client.close()
 
 
+def _where(endpoints: list[Endpoint]) -> str:
+    return "etcd " + ",".join(map(str, endpoints))
+
+
 def _tls_verification_failed(error: BaseException) -> bool:
     import ssl  # loaded with the TLS context
 
@@ -581,7 +542,7 @@ def ssl_context(config: dict[str, Any]) -> ssl.SSLContext | None:
 
 
 def create_etcd_handler(params: RendezvousParameters, config: dict[str, Any]) -> RendezvousHandler:
-    endpoints = parse_endpoints(params.endpoint, config["protocol"])
+    endpoints = parse_rdzv_endpoint("etcd", params.endpoint, config["protocol"])
     https = any(e.scheme == "https" for e in endpoints)
     if not https and any(config[name] for name in ("cacert", "cert", "key")):
         raise ValueError("--rdzv-conf cacert/cert/key need https etcd endpoints (https://HOST:PORT or protocol=https)")
@@ -593,5 +554,4 @@ def create_etcd_handler(params: RendezvousParameters, config: dict[str, Any]) ->
     def connect(interrupt_fd: int, timeout: float) -> EtcdBackend:
         return EtcdBackend(EtcdClient(endpoints, context, timeout, interrupt_fd), prefix, session)
 
-    where = "etcd " + ",".join(map(str, endpoints))
-    return DynamicRendezvousHandler("etcd", where, settings, connect, params)
+    return DynamicRendezvousHandler(_where(endpoints), settings, connect, params)

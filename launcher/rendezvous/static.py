@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from typing import Any, Callable
 
 from launcher.rendezvous import (
-    AGENT_KEY_PREFIX,
     NodeInfo,
     RendezvousConnectionError,
     RendezvousError,
@@ -28,20 +25,24 @@ from launcher.rendezvous import (
     RendezvousInfo,
     RendezvousParameters,
     RendezvousTimeoutError,
-    parse_endpoint,
 )
-from launcher.rendezvous.c10d import StoreBackend
-from launcher.rendezvous.dynamic import STATUS_INTERVAL, ArrivalWatcher, Signal
-from launcher.store import DistError, DistNetworkError, PrefixStore, StoreInterrupted, TCPStore
+from launcher.rendezvous.background import WaitingNodes
+from launcher.rendezvous.keyvalue import (
+    AGENT_KEY_PREFIX,
+    STATUS_INTERVAL,
+    StoreBackend,
+    agents_store,
+    node_address,
+    node_id,
+    node_pid,
+)
+from launcher.rendezvous.options import parse_rdzv_endpoint
+from launcher.store import DistError, DistNetworkError, StoreInterrupted, TCPStore
 
 log = logging.getLogger("launcher.rendezvous")
 
-_LATEST = "latest"  # the latest round whose barrier passed
-
 
 class StaticRendezvousHandler(RendezvousHandler):
-    backend = "static"
-
     @classmethod
     def create(cls, params: RendezvousParameters, config: dict[str, Any]) -> "StaticRendezvousHandler":
         if params.min_nodes != params.max_nodes:
@@ -56,10 +57,10 @@ class StaticRendezvousHandler(RendezvousHandler):
             raise ValueError(f"static rendezvous: --node-rank must be a number from 0 to {nnodes - 1}") from None
         if not 0 <= rank < nnodes:
             raise ValueError(f"static rendezvous: --node-rank={rank} is not in 0..{nnodes - 1} (--nnodes={nnodes})")
-        host, port = parse_endpoint(params.endpoint, None, what="--master-addr:--master-port")
-        if port == 0 and nnodes > 1:
+        (endpoint,) = parse_rdzv_endpoint("static", params.endpoint)
+        if endpoint.port == 0 and nnodes > 1:
             raise ValueError("--master-port=0 only works with a single node: the others could not know the port")
-        return cls(params, host, port, rank, nnodes, config["timeout"])
+        return cls(params, endpoint.host, endpoint.port, rank, nnodes, config["timeout"])
 
     def __init__(self, params: RendezvousParameters, host: str, port: int, rank: int, nnodes: int, timeout: float):
         self.run_id = params.run_id
@@ -69,9 +70,9 @@ class StaticRendezvousHandler(RendezvousHandler):
         self._nnodes = nnodes
         self._timeout = timeout
         self._interrupt_fd = params.interrupt_fd
-        addr = params.local_addr or socket.getfqdn()
+        addr = node_address(params.local_addr)
         self._record = {
-            "id": f"{addr}_{os.getpid()}_{os.urandom(4).hex()}",
+            "id": node_id(addr),
             "addr": addr,
             "local_world_size": params.local_world_size,
             "role": params.role,
@@ -82,8 +83,7 @@ class StaticRendezvousHandler(RendezvousHandler):
         self._store: TCPStore | None = None  # this node's client (interrupted by the agent's signal)
         self._kv: StoreBackend | None = None
         self._round: int | None = None
-        self._watcher: ArrivalWatcher | None = None
-        self._waiting = Signal()
+        self._waiting = WaitingNodes()
         self._closed = False
 
     @property
@@ -93,21 +93,20 @@ class StaticRendezvousHandler(RendezvousHandler):
     # -- the agent's API --------------------------------------------------
 
     def next_rendezvous(self) -> RendezvousInfo:
-        self._stop_watcher()
+        self._waiting.stop()
         started = time.monotonic()
         deadline = started + self._timeout
         if self._kv is None:
             self._connect_first(started, deadline)
         kv = self._kv
-        latest = kv.get(_LATEST)
-        round = max(0 if self._round is None else self._round + 1, 0 if latest is None else int(latest) + 1)
+        round = max(0 if self._round is None else self._round + 1, kv.open_round())
         record = json.dumps(self._record, separators=(",", ":")).encode()
         held = kv.compare_set(f"rank/{round}/{self._rank}", None, record)
         if held != record:
             other = json.loads(held)
             raise RendezvousError(
                 f"static rendezvous '{self.run_id}' ({self._where}): node rank {self._rank} is already taken by "
-                f"{other['addr']} (pid {other['id'].split('_')[-2]}); give every node its own --node-rank"
+                f"{other['addr']} (pid {node_pid(other['id'])}); give every node its own --node-rank"
             )
         kv.join(round, self._record["id"], record)
         if self._rank == 0:
@@ -115,13 +114,12 @@ class StaticRendezvousHandler(RendezvousHandler):
             # Everyone is here, so no worker of the new attempt runs yet: drop the old attempt's keys.
             self._hosted.server.clear(keep_prefix=f"/{AGENT_KEY_PREFIX}/".encode())
             kv.set(f"ready/{round}", b"")
-            kv.set(_LATEST, str(round).encode())
+            kv.round_completed(round)
         else:
             self._wait(round, started, deadline, lambda t: kv.wait(f"ready/{round}", t) is not None)
         nodes = sorted(self._arrived(round), key=lambda r: r["rank"])
         self._round = round
-        self._watcher = ArrivalWatcher(self._connect, round + 1, self._waiting, STATUS_INTERVAL * 12)
-        self._watcher.start()
+        self._waiting.watch(self._connect, round + 1, STATUS_INTERVAL * 12)
         log.info(
             "static rendezvous '%s' round %d complete: node rank %d of %d after %.1f s",
             self.run_id, round, self._rank, self._nnodes, time.monotonic() - started,
@@ -132,7 +130,7 @@ class StaticRendezvousHandler(RendezvousHandler):
             nodes=[NodeInfo(n["addr"], n["local_world_size"], n["role"]) for n in nodes],
             master_addr=self._host,
             master_port=self._port,
-            store=PrefixStore(f"{AGENT_KEY_PREFIX}/agent/{round}", self._store),
+            store=agents_store(round, self._store),
         )
 
     def num_nodes_waiting(self) -> int:
@@ -224,18 +222,11 @@ class StaticRendezvousHandler(RendezvousHandler):
         present = ", ".join(f"rank {r['rank']} {r['addr']}" for r in arrived) or "none"
         return f"{len(arrived)} of {self._nnodes} nodes arrived ({present}); missing node rank(s) {', '.join(missing)}"
 
-    def _stop_watcher(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher.close()
-            self._watcher = None
-
     def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._stop_watcher()
+        self._waiting.close()
         for store in (self._store, self._hosted):
             if store is not None:
                 store.close()
-        self._waiting.close()

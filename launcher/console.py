@@ -1,0 +1,74 @@
+"""A launch from the command line: its log lines, its one-line errors and its exit status.
+
+Exit status: 0 done; 1 failed (workers, or the rendezvous); 2 a bad flag or
+value, as ``<prog>: error: <what> (see <prog> --help)``; 128+N ended by
+signal N. The launcher's own log lines are glog-like on stderr, at
+``$LOGLEVEL``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from argparse import Namespace
+from typing import Callable, NoReturn
+
+from launcher.cli import UsageError, launch
+from launcher.errors import ChildFailedError, SignalException
+from launcher.rendezvous import RendezvousError
+
+log = logging.getLogger("launcher")
+
+
+class GlogFormatter(logging.Formatter):
+    """``W1121 11:39:49.123 <pid> launcher] message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%m%d %H:%M:%S")
+        level = record.levelname[0]
+        line = f"{level}{stamp}.{int(record.msecs):03d} {record.process} {record.name}] {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging() -> None:
+    """The launcher's log lines, glog-like on stderr, at ``$LOGLEVEL`` (default WARNING, as torchrun)."""
+    level = os.environ.get("LOGLEVEL", "WARNING").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise UsageError(f"LOGLEVEL: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(GlogFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _usage_error(prog: str, error: ValueError) -> NoReturn:
+    print(f"{prog}: error: {' '.join(str(error).split())} (see {prog} --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable) -> NoReturn:
+    """Parse ``sys.argv`` with ``parse``, ``prepare`` the launch, launch, and exit with the launch's status."""
+    try:
+        setup_logging()
+        config, entrypoint, args = prepare(parse(sys.argv[1:]))
+    except ValueError as error:
+        _usage_error(prog, error)
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)
+    try:
+        launch(config, entrypoint, args)
+    except ValueError as error:  # a value only the launch could check, such as the rendezvous' parameters
+        _usage_error(prog, error)
+    except ChildFailedError as error:
+        print(error, file=sys.stderr)
+        sys.exit(1)
+    except RendezvousError as error:  # one line saying what, where and how long: no traceback to add
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except SignalException as error:
+        sys.exit(128 + int(error.sigval))
+    sys.exit(0)

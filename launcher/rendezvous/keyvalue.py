@@ -1,0 +1,214 @@
+"""A run's rendezvous state as key-value operations, and the keys and ids every handler shares.
+
+``KeyValueBackend`` is what a handler needs of the place its nodes meet; the
+TCP store implements it here (``StoreBackend``: the c10d and static
+backends), etcd in etcd.py. Keys of ``StoreBackend``, below its prefix::
+
+    r/<round>/join             the join records, one line each (append)
+    r/<round>/count            how many joined (add)
+    r/<round>/arrived/<n>      set by the n-th joiner: what a watcher waits for
+    hb/<node>                  the node's last heartbeat (wall clock), or "left"
+    latest                     the number of the latest completed round
+
+and the handler's own keys (dynamic.py's ``done/`` and ``last_call/``,
+static.py's ``rank/`` and ``ready/``).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+from launcher.rendezvous import RendezvousConnectionError
+from launcher.store import DistError, DistStoreError, PrefixStore, StoreInterrupted, TCPStore
+
+# Prefix of every key the agents (not the workers) keep in a store: in the
+# workers' store, the static backend clears everything else between rounds.
+AGENT_KEY_PREFIX = "launcher"
+STATUS_INTERVAL = 5.0  # seconds between two "still waiting" lines
+_LATEST = "latest"  # a hint for a node that arrives: rounds up to this one are complete
+
+
+def agents_store(round: int, store: Any) -> PrefixStore:
+    """The agents' part of the workers' store in ``round`` (``RendezvousInfo.store``)."""
+    return PrefixStore(f"{AGENT_KEY_PREFIX}/agent/{round}", store)
+
+
+def node_address(local_addr: str | None) -> str:
+    """How the other nodes reach this one: ``--local-addr``, else this machine's FQDN."""
+    return local_addr or socket.getfqdn()
+
+
+def node_id(addr: str) -> str:
+    """A node's id in the records, unique per handler: ``<addr>_<pid>_<random>``."""
+    return f"{addr}_{os.getpid()}_{secrets.token_hex(4)}"
+
+
+def node_pid(node: str) -> str:
+    """The pid in a ``node_id``."""
+    return node.split("_")[-2]
+
+
+class KeyValueBackend(ABC):
+    """One connection to the state of one run (keys are relative to the run).
+
+    Every call may block up to the read timeout and raises
+    RendezvousConnectionError when the state cannot be reached, or
+    StoreInterrupted when the connection's interrupt fd becomes readable.
+    """
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The value of ``key``, None when it does not exist (never waits for it)."""
+
+    @abstractmethod
+    def compare_set(self, key: str, expected: bytes | None, value: bytes) -> bytes:
+        """Set ``key`` to ``value`` if it holds ``expected`` (None: absent); return what it holds now."""
+
+    @abstractmethod
+    def set(self, key: str, value: bytes) -> None:
+        """Set ``key`` unconditionally."""
+
+    @abstractmethod
+    def wait(self, key: str, timeout: float) -> bytes | None:
+        """The value of ``key`` once it exists; None if it does not within ``timeout`` seconds."""
+
+    @abstractmethod
+    def join(self, round: int, node_id: str, record: bytes) -> int:
+        """Add a record to the round's join list; return how many records it holds now."""
+
+    @abstractmethod
+    def joined(self, round: int) -> list[bytes]:
+        """The round's join records, in join order."""
+
+    @abstractmethod
+    def wait_joined(self, round: int, count: int, timeout: float) -> int:
+        """Wait until the round has more than ``count`` join records; return how many it has."""
+
+    @abstractmethod
+    def heartbeat(self, node_id: str) -> None:
+        """Mark ``node_id`` alive for the next liveness period (keep-alive interval x attempts)."""
+
+    @abstractmethod
+    def mark_left(self, node_id: str) -> None:
+        """Mark ``node_id`` gone now."""
+
+    @abstractmethod
+    def alive(self, node_ids: list[str]) -> set[str]:
+        """Those of ``node_ids`` whose heartbeat is fresh and that have not left."""
+
+    @abstractmethod
+    def set_timeout(self, timeout: float) -> None:
+        """From now on every call may take at most ``timeout`` seconds."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection."""
+
+    def open_round(self) -> int:
+        """The round after the latest completed one: the first a node arriving now may join."""
+        latest = self.get(_LATEST)
+        return 0 if latest is None else int(latest) + 1
+
+    def round_completed(self, round: int) -> None:
+        """Record ``round`` as the latest completed one."""
+        self.set(_LATEST, str(round).encode())
+
+
+# Opens a connection whose calls take at most timeout seconds and end once interrupt_fd is readable.
+Connect = Callable[[int, float], KeyValueBackend]
+
+_LEFT = b"left"
+# compare_set with an expected value no key holds reads without waiting, in one
+# round trip: it returns the value, or (torch's rule) this very value for a missing key.
+_ABSENT = b"\0absent"
+
+
+class StoreBackend(KeyValueBackend):
+    """The rendezvous state of one run in a TCP store, below ``prefix``."""
+
+    def __init__(self, store: TCPStore, prefix: str, where: str, liveness: float):
+        self._store = store
+        self._prefix = prefix
+        self._where = where  # "c10d store 127.0.0.1:29400"
+        self._liveness = liveness
+
+    def _call(self, operation: Callable, *args) -> Any:
+        started = time.monotonic()
+        try:
+            return operation(*args)
+        except StoreInterrupted:
+            raise
+        except DistStoreError as exc:
+            raise RendezvousConnectionError(
+                f"the {self._where} did not answer ({exc}); waited {time.monotonic() - started:.0f} s"
+            ) from None
+        except DistError as exc:
+            raise RendezvousConnectionError(
+                f"lost the {self._where} ({exc}) after {time.monotonic() - started:.0f} s"
+            ) from None
+
+    def _key(self, key: str) -> str:
+        return self._prefix + key
+
+    def get(self, key: str) -> bytes | None:
+        value = self._call(self._store.compare_set, self._key(key), _ABSENT, _ABSENT)
+        return None if value == _ABSENT else value
+
+    def set(self, key: str, value: bytes) -> None:
+        self._call(self._store.set, self._key(key), value)
+
+    def compare_set(self, key: str, expected: bytes | None, value: bytes) -> bytes:
+        return self._call(self._store.compare_set, self._key(key), expected or b"", value)
+
+    def wait(self, key: str, timeout: float) -> bytes | None:
+        full = self._key(key)
+        try:
+            self._store.wait([full], timeout)
+        except StoreInterrupted:
+            raise
+        except DistStoreError:
+            return None  # not there in time
+        except DistError as exc:
+            raise RendezvousConnectionError(f"lost the {self._where} ({exc})") from None
+        return self.get(key)
+
+    def join(self, round: int, node_id: str, record: bytes) -> int:
+        # Append before counting: a node that sees count n finds n records.
+        self._call(self._store.append, self._key(f"r/{round}/join"), record + b"\n")
+        position = self._call(self._store.add, self._key(f"r/{round}/count"), 1)
+        self._call(self._store.set, self._key(f"r/{round}/arrived/{position}"), b"")
+        return position
+
+    def joined(self, round: int) -> list[bytes]:
+        if self._call(self._store.add, self._key(f"r/{round}/count"), 0) == 0:
+            return []
+        return self.get(f"r/{round}/join").splitlines()
+
+    def wait_joined(self, round: int, count: int, timeout: float) -> int:
+        if self.wait(f"r/{round}/arrived/{count + 1}", timeout) is None:
+            return count
+        return self._call(self._store.add, self._key(f"r/{round}/count"), 0)
+
+    def heartbeat(self, node_id: str) -> None:
+        self._call(self._store.set, self._key(f"hb/{node_id}"), f"{time.time():.3f}".encode())
+
+    def mark_left(self, node_id: str) -> None:
+        self._call(self._store.set, self._key(f"hb/{node_id}"), _LEFT)
+
+    def alive(self, node_ids: list[str]) -> set[str]:
+        if not node_ids:
+            return set()
+        # Every node heartbeats before its first join record, so these keys exist.
+        beats = self._call(self._store.multi_get, [self._key(f"hb/{i}") for i in node_ids])
+        oldest = time.time() - self._liveness
+        return {i for i, beat in zip(node_ids, beats) if beat != _LEFT and float(beat) >= oldest}
+
+    def set_timeout(self, timeout: float) -> None:
+        self._store.set_timeout(timeout)
+
+    def close(self) -> None:
+        self._store.close()
