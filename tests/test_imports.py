@@ -10,7 +10,7 @@ before the module, so the import adds no dependency (a package's
 import ast
 import os
 
-from conftest import REPO
+from helpers import REPO
 
 
 def module_names(root: str, package: str) -> dict[str, str]:

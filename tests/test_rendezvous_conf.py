@@ -2,7 +2,7 @@
 import re
 
 import pytest
-from conftest import run_launcher
+from helpers import run_launcher
 
 from launcher.rendezvous import RendezvousParameters, create_handler
 from launcher.rendezvous.options import OPTIONS, backend_config, parse_endpoint, parse_rdzv_conf
