@@ -30,16 +30,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from launcher._native.supervisor import SignalWatch, Supervisor
+from launcher.errors import signal_name
 from launcher.logs import AttemptLogs, StreamLogs, WorkerLogs
 
-__all__ = ["SignalWatch", "WorkerLaunch", "WorkerExit", "Event", "WorkerGroup", "signal_name"]
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+__all__ = ["SignalWatch", "WorkerLaunch", "WorkerExit", "Event", "WorkerGroup"]
 
 
 @dataclass
