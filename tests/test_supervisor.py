@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, clean_env
 
 from launcher.logs import LogsSpecs, Std
-from launcher.supervisor import SignalWatch, WorkerGroup, WorkerLaunch
+from launcher.supervisor import EventKind, SignalWatch, WorkerGroup, WorkerLaunch
 
 WORKERS = os.path.join(REPO, "tests", "workers")
 WORKER = [sys.executable, os.path.join(WORKERS, "sup_worker.py")]
@@ -80,8 +80,8 @@ class Harness:
 
     def ready(self):
         """Wait until every worker wrote its ready file; returns the state (launcher and worker pids)."""
-        wait_for(lambda: all((self.directory / f"{r}.ready").exists() for r in range(self.nproc)) or self.proc.poll() is not None,
-                 what="the workers to be ready")
+        wait_for(lambda: all((self.directory / f"{r}.ready").exists() for r in range(self.nproc))
+                 or self.proc.poll() is not None, what="the workers to be ready")
         assert self.proc.poll() is None, self.proc.communicate()
         with open(self.state_path) as f:
             return json.load(f)
@@ -243,7 +243,7 @@ def test_term_on_failure_signals_the_others_before_the_agent_stops_the_group(tmp
     )
     group.start()
     event = group.wait(timeout=60)
-    assert event.kind == "exited" and [e.exitcode for e in event.exits if e.failed] == [3]
+    assert event.kind is EventKind.EXITED and [e.exitcode for e in event.exits if e.failed] == [3]
     if term_on_failure:
         wait_for(lambda: (tmp_path / "0.signals").exists(), what="rank 0's SIGTERM, sent by the loop")
     else:
@@ -269,7 +269,7 @@ def test_leftovers_of_workers_that_all_succeeded_are_killed(tmp_path):
     group, _ = in_process_group(tmp_path, [worker(tmp_path, "children", 1, "stubborn", "exit")], shutdown_timeout=1.0)
     group.start()
     event = group.wait(timeout=60)
-    assert event.kind == "exited" and event.exits[0].exitcode == 0
+    assert event.kind is EventKind.EXITED and event.exits[0].exitcode == 0
     member = int((tmp_path / "0.children").read_text())
     assert state(member) is None
     assert my_zombies() == []
@@ -382,12 +382,12 @@ def test_a_signal_taken_by_an_older_thread_reaches_the_watch():
 def test_wait_returns_on_a_watched_fd_and_on_timeout(tmp_path):
     group, _ = in_process_group(tmp_path, [worker(tmp_path, "wait")], shutdown_timeout=5.0)
     group.start()
-    assert group.wait(timeout=0.05).kind == "timeout"
+    assert group.wait(timeout=0.05).kind is EventKind.TIMEOUT
     r, w = os.pipe()
     try:
         os.write(w, b"x")
         event = group.wait(timeout=60, watch_fds=[r])
-        assert event.kind == "fd" and event.fd == r
+        assert event.kind is EventKind.FD and event.fd == r
     finally:
         os.close(r)
         os.close(w)
@@ -428,7 +428,8 @@ def test_100000_lines_reach_console_and_file_whole_and_in_order_through_a_slow_p
     st = json.load(open(h.state_path))
     for rank in range(2):
         mine = [line for line in console if line.startswith(f"[default{rank}]:")]
-        expected = [f"[default{rank}]:line {i} of rank {rank}" for i in range(n)] + [f"[default{rank}]:no newline at the end"]
+        expected = [f"[default{rank}]:line {i} of rank {rank}" for i in range(n)]
+        expected.append(f"[default{rank}]:no newline at the end")
         assert mine == expected
         with open(os.path.join(st["attempt"], str(rank), "stdout.log")) as f:
             assert f.read() == "".join(f"line {i} of rank {rank}\n" for i in range(n)) + "no newline at the end"
@@ -449,7 +450,8 @@ def test_redirects_tee_filters_and_prefix_template(harness, tmp_path):
             assert f.read() == "".join(f"line {i} of rank {rank}\n" for i in range(3))
     with open(os.path.join(attempt, "filtered_stdout.log")) as f:
         assert f.read() == "<default:0:0>line 1 of rank 0\n"  # only teed lines are filtered
-    assert os.path.exists(os.path.join(attempt, "1", "stderr.log")) and not os.path.exists(os.path.join(attempt, "0", "stderr.log"))
+    assert os.path.exists(os.path.join(attempt, "1", "stderr.log"))
+    assert not os.path.exists(os.path.join(attempt, "0", "stderr.log"))
 
 
 def test_plain_output_is_unprefixed_and_local_ranks_filter_hides_ranks(harness, tmp_path):
