@@ -15,7 +15,7 @@ state in the .pxd of the same name (supervisor.pxd includes them):
 
     supervisor/signals.pyx    SignalWatch: the handled signals, blocked and read from a signalfd
     supervisor/output.pyx     where output goes: OutputRoute, the log files, the consoles, a worker's streams
-    supervisor/processes.pyx  the process lifecycle: spawn, the guardian, the loop, stop, ExitRecord
+    supervisor/processes.pyx  the process lifecycle: spawn, the guardian, the loop, stop, Wakeup, ExitRecord
 
 This file holds what they share: the C names, how an epoll event names its
 source, and a few helpers.
