@@ -5,7 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-done
 BUILD_STAMP := $(VENV)/.build-done
-NATIVE_SOURCES := $(wildcard _native/*.pyx _native/*.pxd _native/*.h) setup.py
+# Every Cython and C source, the files the extensions include from subdirectories too.
+NATIVE_SOURCES := $(shell find _native -name '*.pyx' -o -name '*.pxd' -o -name '*.h') setup.py
 NPROC ?= auto
 # The single binary: PyInstaller's onefile bootloader and archive (packaging/launcher.spec).
 BINARY := dist/launcher

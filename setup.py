@@ -1,7 +1,11 @@
 """Build of the native extensions.
 
-Every ``_native/<name>.pyx`` becomes ``launcher._native.<name>``. There is no
-pure-Python fallback: a source that does not compile fails the build.
+Every ``_native/<name>.pyx`` becomes ``launcher._native.<name>``; the files it
+includes live in ``_native/<name>/`` (not built on their own). Cython looks
+an extension's declarations up by its full name: ``_native/<name>.pxd`` is
+found through ``_native/launcher/_native/<name>.pxd``, which includes it.
+There is no pure-Python fallback: a source that does not compile fails the
+build.
 """
 import glob
 import os

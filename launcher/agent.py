@@ -31,7 +31,7 @@ from launcher.errors import ERROR_FILE_ENV, Failure, SignalException
 from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousHandler, RendezvousInfo
 from launcher.store import StoreInterrupted
-from launcher.supervisor import SignalWatch, WorkerExit, WorkerGroup, WorkerLaunch
+from launcher.supervisor import EventKind, SignalWatch, WorkerExit, WorkerGroup, WorkerLaunch
 
 log = logging.getLogger("launcher")
 
@@ -178,19 +178,19 @@ class Agent:
         watch = [self.handler.waiting_fd()]
         while True:
             event = group.wait(watch_fds=watch)
-            if event.kind == "exited":
+            if event.kind is EventKind.EXITED:
                 failed = [exit for exit in event.exits if exit.failed]
                 if failed:
                     group.stop()
                     return Outcome.FAILED, failed
                 if len(group.exits) == self.config.nproc_per_node:
                     return Outcome.SUCCEEDED, []
-            elif event.kind == "signal":
+            elif event.kind is EventKind.SIGNAL:
                 sig = signal.Signals(event.signum)
                 log.warning("received %s: forwarding it to the workers", sig.name)
                 group.stop(first_signal=sig)
                 raise SignalException(f"Process {os.getpid()} got signal: {sig.value}", sig)
-            elif event.kind == "fd" and self.handler.num_nodes_waiting() > 0:
+            elif event.kind is EventKind.FD and self.handler.num_nodes_waiting() > 0:
                 group.stop()
                 return Outcome.MEMBERSHIP_CHANGED, []
 

@@ -41,6 +41,7 @@ __all__ = [
     "format_summary",
     "read_error_file",
     "record",
+    "signal_name",
     "summary_json",
     "write_summary_json",
 ]
@@ -48,6 +49,14 @@ __all__ = [
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 _NOT_AVAILABLE = "<N/A>"  # torchrun's marker for a missing error file
 _RULER_MAX_WIDTH = 60  # torchrun's
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; ``signal 40`` for a number without a name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 @dataclass
@@ -221,12 +230,7 @@ class Failure:
 
     @property
     def signal_name(self) -> str | None:
-        if self.signal is None:
-            return None
-        try:
-            return signal.Signals(self.signal).name
-        except ValueError:
-            return f"signal {self.signal}"
+        return signal_name(self.signal) if self.signal is not None else None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Start the local workers, wake on what they do, and end them: the agent's view.
 
-Guarantees (see ``_native/supervisor.pyx`` and ``supervisor_spawn.h``):
+Guarantees (see ``_native/supervisor.pyx``, the parts it includes, and ``supervisor_spawn.h``):
 
 * Each worker leads its own session and process group, has SIGKILL as its
   parent-death signal, starts with default signal dispositions, an empty
@@ -23,23 +23,18 @@ mid-line on an unprefixed console (a progress bar) has that part shown at once.
 """
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from launcher._native.supervisor import SignalWatch, Supervisor
+from launcher._native.supervisor import OutputRoute, SignalWatch, Supervisor
+from launcher.errors import signal_name
 from launcher.logs import AttemptLogs, StreamLogs, WorkerLogs
 
-__all__ = ["SignalWatch", "WorkerLaunch", "WorkerExit", "Event", "WorkerGroup", "signal_name"]
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+__all__ = ["SignalWatch", "WorkerLaunch", "WorkerExit", "EventKind", "Event", "WorkerGroup"]
 
 
 @dataclass
@@ -77,15 +72,23 @@ class WorkerExit:
         return f"exitcode {self.exitcode}"
 
 
+class EventKind(enum.Enum):
+    """Why ``WorkerGroup.wait`` returned, in the order it reports them."""
+
+    SIGNAL = "signal"  # a handled signal arrived: ``Event.signum``
+    EXITED = "exited"  # workers exited: ``Event.exits``
+    FD = "fd"  # a watched descriptor is readable: ``Event.fd``
+    TIMEOUT = "timeout"
+
+
 @dataclass
 class Event:
     """Why ``WorkerGroup.wait`` returned.
 
-    kind: "signal" (``signum``), "exited" (``exits``), "fd" (``fd``) or "timeout".
     ``exits`` holds every exit seen since the previous wait, whatever the kind.
     """
 
-    kind: str
+    kind: EventKind
     exits: list[WorkerExit] = field(default_factory=list)
     signum: int | None = None
     fd: int | None = None
@@ -122,10 +125,8 @@ class WorkerGroup:
         self.attempt_logs = attempt_logs
         self.shutdown_timeout = shutdown_timeout
         self.signal_watch = signal_watch
-        self.filters = {
-            "stdout": [f.encode() for f in duplicate_stdout_filters if f],
-            "stderr": [f.encode() for f in duplicate_stderr_filters if f],
-        }
+        self.stdout_filters = [f.encode() for f in duplicate_stdout_filters if f]
+        self.stderr_filters = [f.encode() for f in duplicate_stderr_filters if f]
         self.term_on_failure = term_on_failure
         self.exits: dict[int, WorkerExit] = {}
         self._native: Supervisor | None = None
@@ -139,9 +140,8 @@ class WorkerGroup:
             self.signal_watch.fileno() if self.signal_watch is not None else -1, self.term_on_failure
         )
         try:
-            self._native.start_guardian()
             for worker in self.workers:
-                stdout = worker.logs.stdout
+                stdout, stderr = worker.logs.stdout, worker.logs.stderr
                 self._native.spawn(
                     _programs(worker.argv[0], worker.env),
                     [os.fsencode(arg) for arg in worker.argv],
@@ -149,46 +149,34 @@ class WorkerGroup:
                     os.fsencode(worker.cwd) if worker.cwd is not None else None,
                     sorted(worker.cpus) if worker.cpus else None,
                     sorted(worker.mem_nodes) if worker.mem_nodes else None,
-                    self._stream_spec(stdout, "stdout", piped=stdout.console or stdout.teed),
-                    self._stream_spec(worker.logs.stderr, "stderr", piped=True),
+                    # stdout goes through the loop when it is shown or teed; stderr always, for its tail
+                    _route(stdout, self.attempt_logs.filtered_stdout, self.stdout_filters,
+                           piped=stdout.console or stdout.teed, keep_tail=False),
+                    _route(stderr, self.attempt_logs.filtered_stderr, self.stderr_filters, piped=True, keep_tail=True),
                 )
         except BaseException:
             self._end(signal.SIGTERM)
             raise
 
-    def _stream_spec(self, logs: StreamLogs, name: str, piped: bool) -> tuple:
-        if not piped:
-            return ("file", logs.file) if logs.file is not None else ("null",)
-        filtered = logs.teed and logs.console and bool(self.filters[name])
-        return (
-            "pipe",
-            logs.file,
-            logs.console,
-            logs.prefix.encode(),
-            getattr(self.attempt_logs, f"filtered_{name}") if filtered else None,
-            self.filters[name] if filtered else [],
-            name == "stderr",
-        )
-
     def wait(self, timeout: float | None = None, watch_fds: Sequence[int] = ()) -> Event:
         """Sleep (GIL released, output routed meanwhile) until a worker exits, a handled
         signal arrives, a watched fd is readable, or ``timeout`` seconds pass."""
         native = self._started()
-        if native.finished:
-            signals, exited, ready = [], [], []
-        else:
-            signals, exited, ready = native.wait(-1.0 if timeout is None else timeout, list(watch_fds))
+        signals, exited, ready = [], [], []
+        if not native.finished:
+            woke = native.wait(-1.0 if timeout is None else timeout, list(watch_fds))
+            signals, exited, ready = woke.signals, woke.exited, woke.ready_fds
         if not native.finished and native.all_exited():
             signals += self._end(signal.SIGTERM)
         exits = [self._record_exit(index) for index in exited]
         self._pending_signals += signals
         if self._pending_signals:
-            return Event("signal", exits, signum=self._pending_signals.pop(0))
+            return Event(EventKind.SIGNAL, exits, signum=self._pending_signals.pop(0))
         if exits:
-            return Event("exited", exits)
+            return Event(EventKind.EXITED, exits)
         if ready:
-            return Event("fd", exits, fd=ready[0])
-        return Event("timeout", exits)
+            return Event(EventKind.FD, exits, fd=ready[0])
+        return Event(EventKind.TIMEOUT, exits)
 
     def stop(self, first_signal: int = signal.SIGTERM) -> list[WorkerExit]:
         """``first_signal`` to every worker's process group, up to ``shutdown_timeout`` s for them
@@ -211,17 +199,23 @@ class WorkerGroup:
 
     def _record_exit(self, index: int) -> WorkerExit:
         worker = self.workers[index]
-        pid, exitcode, signum, core_dumped, started_at, ended_at = self._native.exit_status(index)
-        if ended_at is None:  # did not die even of SIGKILL (stuck in the kernel): the guardian has it
-            ended_at = time.time()
+        seen = self._native.exit_record(index)
         recorded = self.exits.get(worker.local_rank)
-        tail = self._native.stderr_tail(index)
         if recorded is None:
             recorded = self.exits[worker.local_rank] = WorkerExit(
-                worker.local_rank, worker.global_rank, pid, exitcode, signum, core_dumped, started_at, ended_at, tail
+                local_rank=worker.local_rank,
+                global_rank=worker.global_rank,
+                pid=seen.pid,
+                exitcode=seen.exitcode,
+                signal=seen.signal,
+                core_dumped=seen.core_dumped,
+                started_at=seen.started_at,
+                # None: it did not die even of SIGKILL (stuck in the kernel): the guardian has it
+                ended_at=seen.ended_at if seen.ended_at is not None else time.time(),
+                stderr_tail=seen.stderr_tail,
             )
         else:
-            recorded.stderr_tail = tail
+            recorded.stderr_tail = seen.stderr_tail
         return recorded
 
     def pids(self) -> dict[int, int]:
@@ -233,6 +227,22 @@ class WorkerGroup:
         if self._native is None:
             raise RuntimeError("the group was not started")
         return self._native
+
+
+def _route(logs: StreamLogs, filtered_file: str, filters: list[bytes], *, piped: bool, keep_tail: bool) -> OutputRoute:
+    """Where the loop sends one stream; teed console lines matching a filter are copied to ``filtered_file``."""
+    if not piped:
+        return OutputRoute(logs.file)
+    filtered = logs.teed and logs.console and bool(filters)
+    return OutputRoute(
+        logs.file,
+        piped=True,
+        console=logs.console,
+        prefix=logs.prefix.encode(),
+        filtered=filtered_file if filtered else None,
+        filters=filters if filtered else (),
+        keep_tail=keep_tail,
+    )
 
 
 def _programs(program: str, env: dict[str, str]) -> list[bytes]:

@@ -31,7 +31,7 @@ from helpers import (
 )
 
 from launcher.logs import LogsSpecs, Std
-from launcher.supervisor import SignalWatch, WorkerGroup, WorkerLaunch
+from launcher.supervisor import EventKind, SignalWatch, WorkerGroup, WorkerLaunch
 
 WORKER = [sys.executable, os.path.join(WORKERS, "sup_worker.py")]
 HARNESS = [sys.executable, os.path.join(WORKERS, "sup_harness.py")]
@@ -204,7 +204,7 @@ def test_term_on_failure_signals_the_others_before_the_agent_stops_the_group(tmp
     )
     group.start()
     event = group.wait(timeout=60)
-    assert event.kind == "exited" and [e.exitcode for e in event.exits if e.failed] == [3]
+    assert event.kind is EventKind.EXITED and [e.exitcode for e in event.exits if e.failed] == [3]
     if term_on_failure:
         wait_for(lambda: (tmp_path / "0.signals").exists(), what="rank 0's SIGTERM, sent by the loop")
     else:
@@ -230,7 +230,7 @@ def test_leftovers_of_workers_that_all_succeeded_are_killed(tmp_path):
     group, _ = in_process_group(tmp_path, [worker(tmp_path, "children", 1, "stubborn", "exit")], shutdown_timeout=1.0)
     group.start()
     event = group.wait(timeout=60)
-    assert event.kind == "exited" and event.exits[0].exitcode == 0
+    assert event.kind is EventKind.EXITED and event.exits[0].exitcode == 0
     member = int((tmp_path / "0.children").read_text())
     assert state(member) is None
     assert my_zombies() == []
@@ -343,12 +343,12 @@ def test_a_signal_taken_by_an_older_thread_reaches_the_watch():
 def test_wait_returns_on_a_watched_fd_and_on_timeout(tmp_path):
     group, _ = in_process_group(tmp_path, [worker(tmp_path, "wait")], shutdown_timeout=5.0)
     group.start()
-    assert group.wait(timeout=0.05).kind == "timeout"
+    assert group.wait(timeout=0.05).kind is EventKind.TIMEOUT
     r, w = os.pipe()
     try:
         os.write(w, b"x")
         event = group.wait(timeout=60, watch_fds=[r])
-        assert event.kind == "fd" and event.fd == r
+        assert event.kind is EventKind.FD and event.fd == r
     finally:
         os.close(r)
         os.close(w)

@@ -15,7 +15,7 @@ import signal
 import sys
 
 from launcher.logs import LogsSpecs, Std
-from launcher.supervisor import SignalWatch, WorkerGroup, WorkerLaunch
+from launcher.supervisor import EventKind, SignalWatch, WorkerGroup, WorkerLaunch
 
 
 def main(spec_path):
@@ -50,10 +50,10 @@ def main(spec_path):
         code = None
         while code is None:
             event = group.wait()
-            if event.kind == "signal":
+            if event.kind is EventKind.SIGNAL:
                 group.stop(first_signal=event.signum)
                 code = 128 + event.signum
-            elif event.kind == "exited" and any(e.failed for e in event.exits):
+            elif event.kind is EventKind.EXITED and any(e.failed for e in event.exits):
                 group.stop()
                 code = 1
             elif len(group.exits) == nproc:
