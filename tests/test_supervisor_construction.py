@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, clean_env
+from helpers import REPO, clean_env
 
 CONSTRUCT = [sys.executable, os.path.join(REPO, "tests", "workers", "sup_construct.py")]
 
