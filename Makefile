@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-done
 BUILD_STAMP := $(VENV)/.build-done
-NATIVE_SOURCES := $(wildcard _native/*.pyx _native/*.pxd _native/*.h) setup.py
+NATIVE_SOURCES := $(wildcard _native/*.pyx _native/*.pxd _native/*.h _native/*/*.pyx launcher/_native/*.pxd) setup.py
 NPROC ?= auto
 # The single binary: PyInstaller's onefile bootloader and archive (packaging/launcher.spec).
 BINARY := dist/launcher

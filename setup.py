@@ -1,7 +1,10 @@
 """Build of the native extensions.
 
-Every ``_native/<name>.pyx`` becomes ``launcher._native.<name>``. There is no
-pure-Python fallback: a source that does not compile fails the build.
+Every ``_native/<name>.pyx`` becomes ``launcher._native.<name>``; the files in
+subdirectories of ``_native/`` are parts those include. Cython reads a module's
+own declarations from ``launcher/_native/<name>.pxd`` (its package path), which
+includes ``_native/<name>.pxd``. There is no pure-Python fallback: a source
+that does not compile fails the build.
 """
 import glob
 import os
@@ -24,7 +27,8 @@ setup(
     packages=find_packages(include=["launcher", "launcher.*"]),
     ext_modules=cythonize(
         extensions,
-        include_path=["_native"],
+        # _native/: the .pxd files the sources cimport; the root: launcher/_native/<name>.pxd and what it includes.
+        include_path=["_native", "."],
         language_level=3,
         compiler_directives={"embedsignature": True},
     ),
