@@ -28,6 +28,7 @@ setup(
     packages=find_packages(include=["launcher", "launcher.*"]),
     ext_modules=cythonize(
         extensions,
+        # _native/: the .pxd files the sources cimport, and launcher/_native/<name>.pxd (see above).
         include_path=["_native"],
         language_level=3,
         compiler_directives={"embedsignature": True},
