@@ -13,18 +13,13 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLOUT
         EPOLLERR
         EPOLLHUP
-        EPOLLRDHUP
-        EPOLLET
-        EPOLLONESHOT
         EPOLL_CLOEXEC
         EPOLL_CTL_ADD
         EPOLL_CTL_MOD
         EPOLL_CTL_DEL
 
     ctypedef union epoll_data_t:
-        void *ptr
         int fd
-        uint32_t u32
         uint64_t u64
 
     struct epoll_event:
@@ -34,21 +29,17 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_create1(int flags)
     int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
     int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    int epoll_pwait(int epfd, epoll_event *events, int maxevents, int timeout, const sigset_t *sigmask)
 
 cdef extern from "<sys/eventfd.h>" nogil:
     enum:
         EFD_CLOEXEC
         EFD_NONBLOCK
-        EFD_SEMAPHORE
     int eventfd(unsigned int initval, int flags)
 
 cdef extern from "<poll.h>" nogil:
     enum:
         POLLIN
         POLLOUT
-        POLLERR
-        POLLHUP
         POLLNVAL
     struct pollfd:
         int fd
@@ -68,8 +59,6 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<signal.h>" nogil:
     int pthread_sigmask(int how, const sigset_t *set, sigset_t *oldset)
-    const char *sigabbrev_np(int sig)
-    const char *strsignal(int sig)
 
 cdef extern from "<sched.h>" nogil:
     ctypedef struct cpu_set_t:
@@ -92,27 +81,11 @@ cdef extern from "<sys/signalfd.h>" nogil:
         SFD_NONBLOCK
     struct signalfd_siginfo:
         uint32_t ssi_signo
-        int32_t ssi_errno
-        int32_t ssi_code
-        uint32_t ssi_pid
-        uint32_t ssi_uid
-        int32_t ssi_fd
-        uint32_t ssi_tid
-        uint32_t ssi_band
-        uint32_t ssi_overrun
-        uint32_t ssi_trapno
-        int32_t ssi_status
-        int32_t ssi_int
-        uint64_t ssi_ptr
-        uint64_t ssi_utime
-        uint64_t ssi_stime
-        uint64_t ssi_addr
     int signalfd(int fd, const sigset_t *mask, int flags)
 
 cdef extern from "<sys/prctl.h>" nogil:
     enum:
         PR_SET_PDEATHSIG
-        PR_GET_PDEATHSIG
         PR_SET_CHILD_SUBREAPER
         PR_GET_CHILD_SUBREAPER
         PR_SET_NAME
@@ -162,18 +135,11 @@ cdef extern from "<sys/socket.h>" nogil:
         SOL_SOCKET
         SO_REUSEADDR
         SO_ERROR
-        SO_KEEPALIVE
-        SO_RCVBUF
-        SO_SNDBUF
         SOMAXCONN
-        SHUT_RD
-        SHUT_WR
-        SHUT_RDWR
         MSG_NOSIGNAL
         MSG_DONTWAIT
-        MSG_PEEK
     struct sockaddr:
-        sa_family_t sa_family
+        pass
     struct sockaddr_storage:
         sa_family_t ss_family
     int socket(int domain, int type, int protocol)
@@ -184,25 +150,21 @@ cdef extern from "<sys/socket.h>" nogil:
     int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
     int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     int getsockname(int fd, sockaddr *addr, socklen_t *len)
-    int getpeername(int fd, sockaddr *addr, socklen_t *len)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
-    int shutdown(int fd, int how)
 
 cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
         INET6_ADDRSTRLEN
     struct in_addr:
-        uint32_t s_addr
+        pass
     struct sockaddr_in:
-        sa_family_t sin_family
         uint16_t sin_port
         in_addr sin_addr
     struct in6_addr:
         pass
     struct sockaddr_in6:
-        sa_family_t sin6_family
         uint16_t sin6_port
         in6_addr sin6_addr
     uint16_t ntohs(uint16_t)
@@ -218,9 +180,6 @@ cdef extern from "<arpa/inet.h>" nogil:
 cdef extern from "<netdb.h>" nogil:
     enum:
         AI_PASSIVE
-        AI_NUMERICHOST
-        AI_NUMERICSERV
-        AI_ADDRCONFIG
     struct addrinfo:
         int ai_flags
         int ai_family
@@ -228,7 +187,6 @@ cdef extern from "<netdb.h>" nogil:
         int ai_protocol
         socklen_t ai_addrlen
         sockaddr *ai_addr
-        char *ai_canonname
         addrinfo *ai_next
     int getaddrinfo(const char *node, const char *service, const addrinfo *hints, addrinfo **res)
     void freeaddrinfo(addrinfo *res)
