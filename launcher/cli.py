@@ -30,7 +30,7 @@ from typing import Callable, NoReturn
 
 import launcher
 from launcher.config import LaunchConfig, parse_signals
-from launcher.devices import NPROC_KINDS, NUMA_MODES, determine_local_world_size, numa_bindings
+from launcher.devices import NPROC_EXPECTED, NUMA_MODES, determine_local_world_size, nproc_per_node_ok, numa_bindings
 from launcher.logs import LogsSpecs, Std
 from launcher.rendezvous.options import (
     BACKENDS,
@@ -179,10 +179,6 @@ def _nnodes_ok(value: str) -> bool:
     return 0 < min_nodes <= max_nodes
 
 
-def _nproc_ok(value: str) -> bool:
-    return value in NPROC_KINDS or int(value) >= 1
-
-
 def _endpoint_ok(endpoint: str) -> bool:
     """Some backend's --rdzv-endpoint: etcd's syntax is the widest (config_from_args checks the backend's own)."""
     return not endpoint or bool(parse_rdzv_endpoint("etcd", endpoint))
@@ -278,10 +274,12 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
     add("--nnodes", action=EnvDefault, type=_check("N or MIN:MAX with 1 <= MIN <= MAX", _nnodes_ok), default="1:1",
         help="Number of nodes, or the range of nodes in form <minimum_nodes>:<maximum_nodes>.")
     add("--nproc-per-node", "--nproc_per_node", action=EnvDefault, default="1",
-        type=_check(f"a number >= 1 or one of {', '.join(NPROC_KINDS)}", _nproc_ok),
-        help="Number of workers per node; supported values: [auto, cpu, gpu, xpu, int]. cpu counts the CPUs "
-        "this process may use; gpu counts CUDA GPUs (NVML, honouring CUDA_VISIBLE_DEVICES); auto: GPUs, else "
-        "Intel GPUs, else CPUs.")
+        type=_check(NPROC_EXPECTED, nproc_per_node_ok),
+        help="Number of workers per node; supported values: [auto, cpu, gpu, xpu, int, or a torch device type]. "
+        "cpu counts the CPUs this process may use; gpu counts NVIDIA GPUs (NVML, honouring CUDA_VISIBLE_DEVICES), "
+        "else AMD GPUs (KFD, honouring ROCR_VISIBLE_DEVICES, then HIP_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES); "
+        "auto: GPUs, else Intel GPUs, else CPUs; another device type (npu, ...) is counted by torch in the workers' "
+        "Python.")
 
     add("--rdzv-backend", "--rdzv_backend", action=EnvDefault, type=_one_of(BACKENDS), default="static",
         metavar="{" + ",".join(BACKENDS) + "}", help="Rendezvous backend.")
@@ -397,7 +395,7 @@ def config_from_args(args: Namespace):
     runs per node and the user has not set it.
     """
     min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
-    nproc_per_node = determine_local_world_size(args.nproc_per_node)
+    nproc_per_node = determine_local_world_size(args.nproc_per_node, lambda: worker_python(args.python))
     if "OMP_NUM_THREADS" not in os.environ and nproc_per_node > 1:
         omp_num_threads = 1
         log.warning(

@@ -1,28 +1,71 @@
 """Counting this node's devices and placing workers near them, without torch.
 
-GPUs are found through NVML (ctypes on ``libnvidia-ml.so.1``; the environment
-variable ``LAUNCHER_NVML_LIBRARY`` names another library file), else through
-``/proc/driver/nvidia/gpus``; a machine without the NVIDIA driver has none.
-``CUDA_VISIBLE_DEVICES`` is applied as CUDA applies it. Devices are in NVML
-order (PCI bus order), which is CUDA's order on machines of one GPU model and
-with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.
+NVIDIA GPUs are found through NVML (ctypes on ``libnvidia-ml.so.1``; the
+environment variable ``LAUNCHER_NVML_LIBRARY`` names another library file),
+else through ``/proc/driver/nvidia/gpus``; a machine without the NVIDIA driver
+has none. ``CUDA_VISIBLE_DEVICES`` is applied as CUDA applies it. Devices are
+in NVML order (PCI bus order), which is CUDA's order on machines of one GPU
+model and with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.
+
+AMD GPUs are the compute nodes of the KFD topology in sysfs, with
+``ROCR_VISIBLE_DEVICES`` applied as the ROCr runtime applies it, then
+``HIP_VISIBLE_DEVICES`` (else ``CUDA_VISIBLE_DEVICES``) as HIP applies it to
+what remains: the count torch's ROCm build gets from ``hipGetDeviceCount``.
+
+A device type torch knows only through a plug-in backend (``npu``, ...) is
+counted by one call of the workers' Python, which imports torch and answers
+as torchrun's ``determine_local_world_size`` does.
 """
 from __future__ import annotations
 
 import ctypes
 import glob
 import itertools
+import json
 import logging
 import os
+import re
+import subprocess
 from dataclasses import dataclass
+from typing import Callable
 
 log = logging.getLogger("launcher")
 
 NVML_LIBRARY = "libnvidia-ml.so.1"
-NPROC_KINDS = ("auto", "cpu", "gpu", "xpu")
+NPROC_KINDS = ("auto", "cpu", "gpu", "xpu")  # counted here; another device type is torch's to count
+NPROC_EXPECTED = f"a number >= 1, one of {', '.join(NPROC_KINDS)}, or a torch device type (npu, ...)"
 NUMA_MODES = ("node", "socket", "exclusive", "core-complex")
 INTEL_VENDOR = "0x8086"
 INTEL_GPU_DRIVERS = ("i915", "xe")
+KFD_NODES = ("class", "kfd", "kfd", "topology", "nodes")  # under the sysfs root
+# torch's device type names are identifiers; anything else is no device
+DEVICE_TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PLUGIN_COUNT_TIMEOUT = 300.0  # seconds for the workers' Python to import torch and its plug-ins, and count
+
+# Run by the workers' Python: torchrun's determine_local_world_size for a privateuse1 backend
+# (torch.utils.backend_registration._get_custom_mod_func's lookup and messages), as one JSON line.
+_PLUGIN_COUNT = """\
+import json, sys
+name = sys.argv[1]
+try:
+    import torch
+    if name != torch._C._get_privateuse1_backend_name():
+        raise ValueError(f"Unsupported nproc_per_node value: {name}")
+    def custom(func_name):
+        function = getattr(getattr(torch, name, None), func_name, None)
+        if function is None:
+            raise RuntimeError(
+                f"Try to call torch.{name}.{func_name}. The backend must register a custom backend module with "
+                f"`torch._register_device_module('{name}', BackendModule)`. And BackendModule needs to have the "
+                f"following API's:\\n `{func_name}(*args, **kwargs)`. \\n")
+        return function
+    if not custom("is_available")():
+        raise ValueError(f"{name} is not available.")
+    answer = {"count": int(custom("device_count")())}
+except Exception as error:
+    answer = {"error": type(error).__name__, "message": str(error)}
+print(json.dumps(answer))
+"""
 
 
 @dataclass(frozen=True)
@@ -161,21 +204,116 @@ def xpu_count(sysfs_root: str = "/sys") -> int:
     return count
 
 
+def amd_physical_gpus(sysfs_root: str = "/sys") -> list[str]:
+    """Every AMD GPU of this machine in ROCr's order, by UUID (``GPU-<16 hex digits>``; "" when it has none).
+
+    The GPUs are the KFD topology's nodes with SIMDs (``simd_count`` > 0 in
+    ``properties``; CPU nodes have none), in node order.
+    """
+    nodes = glob.glob(os.path.join(sysfs_root, *KFD_NODES, "[0-9]*", "properties"))
+    uuids = []
+    for path in sorted(nodes, key=lambda path: int(os.path.basename(os.path.dirname(path)))):
+        with open(path) as properties:
+            values = dict(line.split(None, 1) for line in properties if len(line.split()) == 2)
+        if int(values.get("simd_count", "0")) > 0:
+            unique_id = int(values.get("unique_id", "0"))
+            uuids.append(f"GPU-{unique_id:016x}" if unique_id else "")
+    return uuids
+
+
+def _strtol_whole(text: str) -> int | None:
+    """C's ``strtol(text, &end, 0)`` when it reads all of ``text`` (``0x`` hex, ``0`` octal, "" is 0), else None."""
+    if not text:
+        return 0
+    match = re.fullmatch(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    if match is None:
+        return None
+    sign, digits = match.groups()
+    value = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 8) if digits[0] == "0" else int(digits)
+    return -value if sign == "-" else value
+
+
+def apply_rocr_visible_devices(gpus: list[str], visible: str | None) -> list[str]:
+    """The GPUs the ROCr runtime shows for ``ROCR_VISIBLE_DEVICES=visible``, in that order.
+
+    Unset: all of them; empty: none. Entries (trimmed) are indices as C's
+    strtol reads them (``0x1`` is 1, an empty entry 0) or UUID prefixes of 5
+    to 20 characters, in any case, naming exactly one GPU; the first invalid
+    or repeated entry ends the list, and entries past the number of GPUs are
+    not read.
+    """
+    if visible is None:
+        return list(gpus)
+    tokens = visible.split(",") if visible else []
+    if tokens and tokens[-1] == "":  # ROCr splits with getline: a trailing comma adds no entry
+        tokens.pop()
+    chosen: list[int] = []
+    for token in (token.strip().upper() for token in tokens[: len(gpus)]):
+        if token.startswith("G"):
+            matches = [i for i, uuid in enumerate(gpus) if uuid and uuid.upper().startswith(token)]
+            index = matches[0] if 5 <= len(token) <= 20 and len(matches) == 1 else None
+        else:
+            index = _strtol_whole(token)
+        if index is None or not 0 <= index < len(gpus) or index in chosen:
+            break
+        chosen.append(index)
+    return [gpus[index] for index in chosen]
+
+
+def apply_hip_visible_devices(gpus: list[str], visible: str | None) -> list[str]:
+    """The GPUs HIP shows for ``HIP_VISIBLE_DEVICES=visible`` (else ``CUDA_VISIBLE_DEVICES``), in that order.
+
+    Unset or empty: all of them. Entries are plain decimal indices or a
+    ``GPU-...`` string found in a GPU's UUID; the first invalid entry ends the
+    list; a repeated device is skipped.
+    """
+    if not visible:
+        return list(gpus)
+    chosen: list[int] = []
+    for token in visible.split(","):
+        if "GPU-" in token:
+            token = next((str(index) for index, uuid in enumerate(gpus) if uuid and token in uuid), token)
+        if not (token.isdigit() and str(int(token)) == token and int(token) < len(gpus)):
+            break
+        if int(token) not in chosen:
+            chosen.append(int(token))
+    return [gpus[index] for index in chosen]
+
+
+def amd_visible_gpus(sysfs_root: str = "/sys") -> list[str]:
+    """The AMD GPUs this node's workers can use: ROCR_VISIBLE_DEVICES first, then HIP's variable on what remains."""
+    rocr = apply_rocr_visible_devices(amd_physical_gpus(sysfs_root), os.environ.get("ROCR_VISIBLE_DEVICES"))
+    hip = os.environ.get("HIP_VISIBLE_DEVICES") or os.environ.get("CUDA_VISIBLE_DEVICES")
+    return apply_hip_visible_devices(rocr, hip)
+
+
 def usable_cpu_count() -> int:
     """CPUs this process may run on (its affinity mask, as cgroups and taskset set it)."""
     return len(os.sched_getaffinity(0))
 
 
-def determine_local_world_size(nproc_per_node: str) -> int:
-    """Workers per node for ``--nproc-per-node``: a number, ``cpu``, ``gpu``, ``xpu`` or ``auto``."""
-    if nproc_per_node.isdigit() and int(nproc_per_node) > 0:
+def nproc_per_node_ok(value: str) -> bool:
+    """``--nproc-per-node``'s syntax (:data:`NPROC_EXPECTED`); which device types exist, torch decides."""
+    return (value.isdigit() and int(value) >= 1) or DEVICE_TYPE_NAME.fullmatch(value) is not None
+
+
+def determine_local_world_size(nproc_per_node: str, worker_python: Callable[[], str]) -> int:
+    """Workers per node for ``--nproc-per-node``, as torchrun's ``determine_local_world_size``.
+
+    A number; ``cpu``; ``gpu`` (NVIDIA, else AMD GPUs); ``xpu``; ``auto``
+    (GPUs, else Intel GPUs, else CPUs); any other device type name is asked
+    of torch in ``worker_python()`` (its privateuse1 backend: ``npu``, ...).
+    """
+    if not nproc_per_node_ok(nproc_per_node):
+        raise ValueError(f"argument --nproc-per-node: expected {NPROC_EXPECTED}, got {nproc_per_node!r}")
+    if nproc_per_node.isdigit():
         return int(nproc_per_node)
     if nproc_per_node == "cpu":
         count, kind = usable_cpu_count(), "cpu"
     elif nproc_per_node == "gpu":
-        count, kind = len(visible_gpus()), "gpu"
+        count, kind = gpu_count(), "gpu"
         if count == 0:
-            raise ValueError(f"argument --nproc-per-node: 'gpu' needs CUDA GPUs and {_why_no_gpus()}")
+            raise ValueError(f"argument --nproc-per-node: 'gpu' needs CUDA or ROCm GPUs and {_why_no_gpus()}")
     elif nproc_per_node == "xpu":
         count, kind = xpu_count(), "xpu"
         if count == 0:
@@ -184,16 +322,13 @@ def determine_local_world_size(nproc_per_node: str) -> int:
                 f"(no /sys/class/drm/renderD* with vendor {INTEL_VENDOR} and driver {' or '.join(INTEL_GPU_DRIVERS)})"
             )
     elif nproc_per_node == "auto":
-        count, kind = len(visible_gpus()), "gpu"
+        count, kind = gpu_count(), "gpu"
         if count == 0:
             count, kind = xpu_count(), "xpu"
         if count == 0:
             count, kind = usable_cpu_count(), "cpu"
     else:
-        raise ValueError(
-            f"argument --nproc-per-node: expected a number >= 1 or one of {', '.join(NPROC_KINDS)}, "
-            f"got {nproc_per_node!r}"
-        )
+        count, kind = plugin_device_count(nproc_per_node, worker_python()), nproc_per_node
     log.info(
         "Using nproc_per_node=%s, setting nproc_per_node to %s since the instance has %s %s",
         nproc_per_node,
@@ -204,11 +339,62 @@ def determine_local_world_size(nproc_per_node: str) -> int:
     return count
 
 
+def gpu_count() -> int:
+    """The GPUs torch's CUDA or ROCm build would count: NVIDIA's when there are any, else AMD's."""
+    nvidia = physical_gpus()
+    if nvidia:
+        return len(apply_visible_devices(nvidia, os.environ.get("CUDA_VISIBLE_DEVICES")))
+    return len(amd_visible_gpus())
+
+
+def plugin_device_count(device_type: str, python: str) -> int:
+    """The devices of a torch plug-in backend, counted by torch in ``python``; ValueError with torch's reason."""
+    try:
+        result = subprocess.run(
+            [python, "-c", _PLUGIN_COUNT, device_type],
+            capture_output=True,
+            text=True,
+            timeout=PLUGIN_COUNT_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ValueError(
+            f"argument --nproc-per-node: cannot ask torch in {python} to count {device_type!r}: {error}"
+        ) from None
+    lines = result.stdout.splitlines()
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        stderr = result.stderr.strip().splitlines()
+        raise ValueError(
+            f"argument --nproc-per-node: {python} exited {result.returncode} while torch counted {device_type!r}"
+            + (f": {stderr[-1]}" if stderr else "")
+        ) from None
+    if "count" in answer:
+        return answer["count"]
+    if answer["error"] in ("ImportError", "ModuleNotFoundError"):
+        raise ValueError(
+            f"argument --nproc-per-node: {device_type!r} is not one of {', '.join(NPROC_KINDS)}, and torch, which "
+            f"would count it, cannot be imported by the workers' Python {python} ({answer['message']})"
+        )
+    # torchrun's ValueErrors are its message; other errors keep their type, as torchrun's traceback shows them
+    reason = answer["message"] if answer["error"] == "ValueError" else f"{answer['error']}: {answer['message']}"
+    raise ValueError(f"argument --nproc-per-node: {reason}")
+
+
 def _why_no_gpus() -> str:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and physical_gpus():
-        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
-    return "none were found (no NVIDIA driver: NVML and /proc/driver/nvidia/gpus list no GPU)"
+    if physical_gpus():
+        return f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} hides every GPU"
+    if amd_physical_gpus():
+        hidden_by = [
+            f"{name}={os.environ[name]!r}"
+            for name in ("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+            if name in os.environ
+        ]
+        return f"{' and '.join(hidden_by)} hide every GPU"
+    return (
+        "none were found (no NVIDIA driver: NVML and /proc/driver/nvidia/gpus list no GPU; "
+        "no AMD GPU in /sys/class/kfd/kfd/topology/nodes)"
+    )
 
 
 # NUMA placement ---------------------------------------------------------------------------------

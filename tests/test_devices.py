@@ -1,14 +1,36 @@
-"""Device counting without torch: NVML through a fake library, the procfs fallback, sysfs topologies."""
+"""Device counting without torch: NVML through a fake library, the procfs fallback, sysfs topologies (KFD for
+AMD GPUs, DRM for Intel's, NUMA), and plug-in device types counted by a stub torch in the workers' Python."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import BUS_IDS, REPO, UUIDS
+from helpers import BUS_IDS, REPO, UUIDS, WORKERS, clean_env, run_launcher
 
 from launcher import devices
-from launcher.devices import Gpu, apply_visible_devices, determine_local_world_size, numa_bindings
+from launcher.devices import (
+    Gpu,
+    apply_hip_visible_devices,
+    apply_rocr_visible_devices,
+    apply_visible_devices,
+    determine_local_world_size,
+    numa_bindings,
+)
+
+PLUGIN_TORCH = os.path.join(REPO, "tests", "plugin_torch")  # a torch whose plug-in backend is npu
+
+
+@pytest.fixture
+def plugin_torch(monkeypatch):
+    """The workers' Python imports tests/plugin_torch as torch: its npu backend has two devices."""
+    monkeypatch.setenv("PYTHONPATH", PLUGIN_TORCH)
+    monkeypatch.setenv("STUB_NPU_COUNT", "2")
+
+
+def count(nproc_per_node):
+    """--nproc-per-node as the command line counts it, the workers' Python being this one."""
+    return determine_local_world_size(nproc_per_node, lambda: sys.executable)
 
 
 @pytest.fixture
@@ -85,45 +107,48 @@ def test_visible_gpus_reads_cuda_visible_devices(fake_nvml, monkeypatch):
 
 
 def test_nproc_gpu_and_auto_count_three_fake_gpus(fake_nvml):
-    assert determine_local_world_size("gpu") == 3
-    assert determine_local_world_size("auto") == 3
+    assert count("gpu") == 3
+    assert count("auto") == 3
 
 
 def test_nproc_gpu_without_gpus_says_why(fake_nvml, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ValueError, match="--nproc-per-node.*CUDA_VISIBLE_DEVICES=''"):
-        determine_local_world_size("gpu")
+        count("gpu")
     monkeypatch.setenv("FAKE_NVML_UUIDS", "")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(devices, "amd_physical_gpus", lambda sysfs_root="/sys": [])  # whatever this machine has
     with pytest.raises(ValueError, match="none were found"):
-        determine_local_world_size("gpu")
+        count("gpu")
 
 
 def test_nproc_auto_without_gpus_counts_usable_cpus(fake_nvml, monkeypatch):
     monkeypatch.setenv("FAKE_NVML_UUIDS", "")
-    monkeypatch.setattr(devices, "xpu_count", lambda: 0)  # whatever render nodes this machine has
-    assert determine_local_world_size("auto") == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(devices, "amd_physical_gpus", lambda sysfs_root="/sys": [])  # whatever this machine has
+    monkeypatch.setattr(devices, "xpu_count", lambda: 0)
+    assert count("auto") == len(os.sched_getaffinity(0))
 
 
 def test_nproc_cpu_is_the_affinity_mask_not_the_machine():
     mask = sorted(os.sched_getaffinity(0))[:1]
     result = subprocess.run(
         ["taskset", "-c", str(mask[0]), sys.executable, "-c",
-         "from launcher.devices import determine_local_world_size as d; print(d('cpu'))"],
+         "import sys; from launcher.devices import determine_local_world_size as d; "
+         "print(d('cpu', lambda: sys.executable))"],
         capture_output=True, text=True, check=True, cwd=REPO,
     )
     assert result.stdout.strip() == "1"
 
 
-@pytest.mark.parametrize("value, count", [("1", 1), ("4", 4), ("12", 12)])
-def test_nproc_number(value, count):
-    assert determine_local_world_size(value) == count
+@pytest.mark.parametrize("value, expected", [("1", 1), ("4", 4), ("12", 12)])
+def test_nproc_number(value, expected):
+    assert count(value) == expected
 
 
 @pytest.mark.parametrize("value", ["unknown", "0", "-2", "GPU", ""])
-def test_nproc_unknown_is_a_value_error(value):
+def test_nproc_unknown_is_a_value_error(plugin_torch, value):
     with pytest.raises(ValueError, match="--nproc-per-node"):
-        determine_local_world_size(value)
+        count(value)
 
 
 def _render_node(root, name, vendor, driver):
@@ -150,7 +175,189 @@ def test_xpu_counts_intel_render_nodes_with_intel_gpu_drivers(tmp_path):
 def test_nproc_xpu_without_intel_gpus_says_so(monkeypatch):
     monkeypatch.setattr(devices, "xpu_count", lambda: 0)
     with pytest.raises(ValueError, match="'xpu' needs Intel GPUs"):
-        determine_local_world_size("xpu")
+        count("xpu")
+
+
+# AMD GPUs: the KFD topology, ROCR_VISIBLE_DEVICES, then HIP_VISIBLE_DEVICES (else CUDA_VISIBLE_DEVICES) ----------
+
+
+# ROCr's UUIDs of four GPUs; the last has no unique id (some virtual functions report none)
+AMD = ["GPU-0a1b2c3d4e5f6071", "GPU-0a1b2c3d4e5f6072", "GPU-5566778899aabbcc", ""]
+AMD_VARIABLES = ("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+
+
+def _kfd_node(root, node, simd_count, unique_id=0):
+    """One node of the KFD topology as the amdgpu driver writes it (the fields ROCr reads, and others)."""
+    properties = (f"cpu_cores_count {0 if simd_count else 16}\nsimd_count {simd_count}\nmem_banks_count 1\n"
+                  f"location_id {node * 256}\ndomain 0\nunique_id {unique_id}\n")
+    _write(root / "class" / "kfd" / "kfd" / "topology" / "nodes" / str(node) / "properties", properties.rstrip())
+
+
+@pytest.fixture
+def kfd_sysfs(tmp_path, monkeypatch):
+    """A machine with the AMD GPUs of AMD: node 0 a CPU, nodes 1-4 the GPUs, node 5 another CPU; no NVIDIA GPU.
+
+    The launcher's AMD counting reads this tree; no visibility variable is set.
+    """
+    _kfd_node(tmp_path, 0, 0)
+    for node, uuid in enumerate(AMD, start=1):
+        _kfd_node(tmp_path, node, 304, int(uuid[4:], 16) if uuid else 0)
+    _kfd_node(tmp_path, 5, 0)
+    physical = devices.amd_physical_gpus
+    monkeypatch.setattr(devices, "amd_physical_gpus", lambda sysfs_root="/sys": physical(str(tmp_path)))
+    monkeypatch.setattr(devices, "physical_gpus", lambda procfs_root="/proc": [])
+    for name in AMD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return str(tmp_path)
+
+
+def test_kfd_gpus_are_the_nodes_with_simds_in_node_order(tmp_path):
+    assert devices.amd_physical_gpus(str(tmp_path)) == []
+    _kfd_node(tmp_path, 0, 0)
+    for node in range(1, 12):  # 10 and 11 sort after 9, as ROCr numbers them
+        _kfd_node(tmp_path, node, 64, node)
+    assert devices.amd_physical_gpus(str(tmp_path)) == [f"GPU-{node:016x}" for node in range(1, 12)]
+
+
+def test_kfd_gpus_of_the_fixture(kfd_sysfs):
+    assert devices.amd_physical_gpus() == AMD
+
+
+@pytest.mark.parametrize(
+    "visible, expected",
+    [
+        (None, [0, 1, 2, 3]),
+        ("", []),  # set and empty: no GPU
+        ("2,0", [2, 0]),
+        (" 1 , 3 ", [1, 3]),  # entries are trimmed
+        ("0x1,02", [1, 2]),  # C's strtol with base 0: hex and octal
+        ("1,,2", [1, 0, 2]),  # strtol reads an empty entry as 0
+        ("1,", [1]),  # a trailing comma adds nothing
+        ("1gpu,2", []),  # an index must be all digits
+        ("1,7,2", [1]),  # out of range ends the list
+        ("1,-1,2", [1]),
+        ("1,1,2", [1]),  # a repeated device ends the list
+        ("0,1,2,3,0", [0, 1, 2, 3]),  # entries past the number of GPUs are not read
+        ("GPU-0A1B2C3D4E5F6072", [1]),  # UUIDs in any case
+        ("gpu-5566,0", [2, 0]),  # a prefix of at least 5 characters
+        ("GPU-0a1b", []),  # a prefix naming two GPUs ends the list
+        ("GPU-", []),  # too short
+        ("GPU-0a1b2c3d4e5f60710", []),  # too long
+    ],
+)
+def test_rocr_visible_devices(visible, expected):
+    assert apply_rocr_visible_devices(AMD, visible) == [AMD[index] for index in expected]
+
+
+@pytest.mark.parametrize(
+    "visible, expected",
+    [
+        (None, [0, 1, 2, 3]),
+        ("", [0, 1, 2, 3]),  # empty is unset for HIP
+        ("2,0", [2, 0]),
+        ("1,1,2", [1, 2]),  # a repeated device is skipped
+        ("1,x,2", [1]),  # an invalid entry ends the list
+        ("1,5,2", [1]),
+        ("01", []),  # indices are plain decimal numbers
+        ("+1", []),
+        (" 1", []),
+        ("GPU-5566778899aabbcc,0", [2, 0]),
+        ("GPU-5566", [2]),  # a part of a GPU's UUID
+        ("GPU-0A1B", []),  # case matters
+        ("GPU-9999", []),
+    ],
+)
+def test_hip_visible_devices(visible, expected):
+    assert apply_hip_visible_devices(AMD, visible) == [AMD[index] for index in expected]
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({}, [0, 1, 2, 3]),
+        ({"ROCR_VISIBLE_DEVICES": "3,1,2"}, [3, 1, 2]),
+        ({"HIP_VISIBLE_DEVICES": "2"}, [2]),
+        ({"CUDA_VISIBLE_DEVICES": "2,1"}, [2, 1]),
+        ({"ROCR_VISIBLE_DEVICES": "3,1,2", "HIP_VISIBLE_DEVICES": "2,0"}, [2, 3]),  # HIP indexes what ROCr shows
+        ({"ROCR_VISIBLE_DEVICES": "3,1,2", "CUDA_VISIBLE_DEVICES": "1"}, [1]),
+        ({"HIP_VISIBLE_DEVICES": "0", "CUDA_VISIBLE_DEVICES": "1,2"}, [0]),  # HIP's variable wins
+        ({"HIP_VISIBLE_DEVICES": "", "CUDA_VISIBLE_DEVICES": "2"}, [2]),  # an empty one does not
+        ({"ROCR_VISIBLE_DEVICES": "GPU-0a1b2c3d4e5f6072", "HIP_VISIBLE_DEVICES": "GPU-0a1b2c3d4e5f6072"}, [1]),
+        ({"ROCR_VISIBLE_DEVICES": "1", "HIP_VISIBLE_DEVICES": "1"}, []),  # one GPU left: index 1 is out of range
+        ({"ROCR_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": "0"}, []),
+    ],
+)
+def test_amd_visible_gpus_apply_rocr_then_hip(kfd_sysfs, monkeypatch, settings, expected):
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    assert devices.amd_visible_gpus() == [AMD[index] for index in expected]
+
+
+def test_nproc_gpu_and_auto_count_visible_amd_gpus(kfd_sysfs, monkeypatch):
+    assert count("gpu") == count("auto") == 4
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", "3,1,2")
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "2,0")
+    assert count("gpu") == count("auto") == 2
+
+
+def test_nproc_gpu_with_hidden_amd_gpus_names_the_variables(kfd_sysfs, monkeypatch):
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", "2")
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1")
+    with pytest.raises(ValueError, match="ROCR_VISIBLE_DEVICES='2' and HIP_VISIBLE_DEVICES='1' hide every GPU"):
+        count("gpu")
+
+
+def test_nvidia_gpus_come_before_amd_gpus(fake_nvml, monkeypatch):
+    monkeypatch.setattr(devices, "amd_physical_gpus", lambda sysfs_root="/sys": AMD)
+    assert count("gpu") == 3
+
+
+# Plug-in device types: torch's answer, from the workers' Python ------------------------------------
+
+
+def test_plugin_device_type_is_counted_by_torch_in_the_workers_python(plugin_torch, monkeypatch):
+    asked = []
+    assert determine_local_world_size("npu", lambda: asked.append(1) or sys.executable) == 2
+    assert asked == [1]
+    assert determine_local_world_size("cpu", lambda: asked.append(1) or sys.executable) >= 1
+    assert asked == [1]  # a device the launcher counts itself needs no Python
+
+
+@pytest.mark.parametrize(
+    "value, settings, message",
+    [
+        ("npu", {"STUB_NPU_COUNT": "0"}, "argument --nproc-per-node: npu is not available."),  # torchrun's words
+        ("hpu", {}, "argument --nproc-per-node: Unsupported nproc_per_node value: hpu"),
+        ("npu", {"STUB_TORCH_IMPORT_ERROR": "libtorch_cpu.so: cannot open shared object file"},
+         "'npu' is not one of auto, cpu, gpu, xpu, and torch, which would count it, cannot be imported by the "
+         f"workers' Python {sys.executable} (libtorch_cpu.so: cannot open shared object file)"),
+    ],
+)
+def test_plugin_device_type_errors_are_torchs(plugin_torch, monkeypatch, value, settings, message):
+    for name, setting in settings.items():
+        monkeypatch.setenv(name, setting)
+    with pytest.raises(ValueError) as error:
+        count(value)
+    assert str(error.value).endswith(message)
+
+
+def test_plugin_device_type_without_the_workers_python_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot ask torch in /nonexistent/python to count 'npu': .*No such file"):
+        determine_local_world_size("npu", lambda: "/nonexistent/python")
+
+
+def test_nproc_plugin_device_type_from_the_command_line(tmp_path):
+    environment = clean_env(PYTHONPATH=PLUGIN_TORCH, STUB_NPU_COUNT=3, CLI_RECORD_DIR=tmp_path, LOGLEVEL="INFO")
+    result = run_launcher("--nproc-per-node=npu", "--no-python", f"{WORKERS}/cli_record.sh", env=environment)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == [f"{rank}.args" for rank in range(3)]
+    assert "setting nproc_per_node to 3 since the instance has 3 npu" in result.stderr
+
+    missing = run_launcher("--nproc-per-node=npu", "--no-python", "true", env=clean_env(PYTHONPATH=PLUGIN_TORCH))
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == [
+        "launcher: error: argument --nproc-per-node: npu is not available. (see launcher --help)"
+    ]
 
 
 # --numa-binding -----------------------------------------------------------------------------------
