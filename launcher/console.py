@@ -3,7 +3,8 @@
 Exit status: 0 done; 1 failed (workers, or the rendezvous); 2 a bad flag or
 value, as ``<prog>: error: <what> (see <prog> --help)``; 128+N ended by
 signal N. The launcher's own log lines are glog-like on stderr, at
-``$LOGLEVEL``.
+``$LOGLEVEL``. A launch that failed, not a bad flag, leaves its root cause
+in ``$TORCHELASTIC_ERROR_FILE`` when that is set (launcher.errors).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from argparse import Namespace
 from typing import Callable, NoReturn
 
 from launcher.cli import UsageError, launch
-from launcher.errors import ChildFailedError, SignalException
+from launcher.errors import ChildFailedError, SignalException, record_launch_failure
 from launcher.rendezvous import RendezvousError
 
 log = logging.getLogger("launcher")
@@ -63,12 +64,20 @@ def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Ca
         launch(config, entrypoint, args)
     except ValueError as error:  # a value only the launch could check, such as the rendezvous' parameters
         _usage_error(prog, error)
-    except ChildFailedError as error:
+    except Exception as error:
+        # torchrun's main is wrapped in @record: whoever launched us reads the root cause there
+        record_launch_failure(error)
+        _failed(prog, error)
+    sys.exit(0)
+
+
+def _failed(prog: str, error: Exception) -> NoReturn:
+    if isinstance(error, ChildFailedError):
         print(error, file=sys.stderr)
         sys.exit(1)
-    except RendezvousError as error:  # one line saying what, where and how long: no traceback to add
+    if isinstance(error, RendezvousError):  # one line saying what, where and how long: no traceback to add
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(1)
-    except SignalException as error:
+    if isinstance(error, SignalException):
         sys.exit(128 + int(error.sigval))
-    sys.exit(0)
+    raise error

@@ -15,7 +15,10 @@ inner ``"message"``. torch's reader also accepts a plain-string message,
 
 The launcher reads these with :func:`read_error_file` and reports every failed
 worker with :func:`format_summary` (text shaped like torchrun's, root cause
-first) and :func:`summary_json`. This module never imports torch.
+first) and :func:`summary_json`. A failed launch leaves its root cause in the
+launcher's own ``TORCHELASTIC_ERROR_FILE`` (:func:`record_launch_failure`), as
+torchrun's ``@record``-wrapped ``main`` does, and more: a record built from the
+worker's end when it wrote no file. This module never imports torch.
 """
 from __future__ import annotations
 
@@ -38,9 +41,11 @@ __all__ = [
     "ErrorRecord",
     "Failure",
     "SignalException",
+    "failure_error_data",
     "format_summary",
     "read_error_file",
     "record",
+    "record_launch_failure",
     "signal_name",
     "summary_json",
     "write_summary_json",
@@ -154,41 +159,102 @@ def record(fn: Callable) -> Callable:
                 return None
             raise
         except ChildFailedError as e:
-            _record_child_failure(e.failures[0])
+            child = _child_error_data(e.failures[0])
+            # Nothing to pass up when the child wrote no (readable) file.
+            if child is not None:
+                _write_error_file(_with_error_code(child, e.failures[0]))
             raise
         except Exception as e:
-            _record_exception(e)
+            _write_error_file(_exception_error_data(e))
             raise
 
     return wrapper
 
 
-def _record_exception(e: Exception) -> None:
-    _write_error_file(
-        {
-            "message": {
-                "message": f"{type(e).__name__}: {e}",
-                "extraInfo": {
-                    "py_callstack": traceback.format_exc(),
-                    # whole seconds as a string: torch's reader does int() on it
-                    "timestamp": str(int(time.time())),
-                },
-            }
-        }
+def record_launch_failure(error: Exception) -> None:
+    """Leave a failed launch's root cause in ``TORCHELASTIC_ERROR_FILE``, for whoever launched the launcher.
+
+    Workers failed (:class:`ChildFailedError`): the root cause's own error file
+    with its exit code as ``errorCode``, as torchrun's ``@record`` copies it;
+    when that worker wrote none (torchrun then writes nothing), a record built
+    from its end. Any other error is the launcher's own (a rendezvous timeout,
+    a lost store, a signal): recorded as torch's ``@record`` records an
+    exception. Unset or empty: nothing is written.
+    """
+    if isinstance(error, ChildFailedError):
+        root = error.failures[0]
+        _write_error_file(_with_error_code(failure_error_data(root), root))
+    else:
+        _write_error_file(_exception_error_data(error))
+
+
+def failure_error_data(failure: Failure) -> dict:
+    """torch's error-file JSON for a failed worker: the one it wrote, else one built from its end.
+
+    The built one says what the launcher saw: ``message`` names the rank,
+    host, pid and the exit code or signal; ``py_callstack`` (what torch shows
+    as the traceback) adds the last stderr lines; ``extraInfo`` also holds
+    each of those as a field; ``errorCode`` is torchrun's exit code (minus the
+    signal number for a signal).
+    """
+    child = _child_error_data(failure)
+    if child is not None:
+        return child
+    how = f"exitcode {failure.exitcode}"
+    if failure.signal is not None:
+        how = f"signal {failure.signal} ({failure.signal_name}{', core dumped' if failure.core_dumped else ''})"
+    message = (
+        f"rank {failure.rank} (local_rank {failure.local_rank}, pid {failure.pid}) "
+        f"on {failure.host} ended with {how} and wrote no error file"
     )
+    tail = failure.stderr_tail or []
+    stderr = [f"stderr (last {len(tail)} lines):", *tail] if tail else []
+    return {
+        "message": {
+            "message": message,
+            "extraInfo": {
+                "py_callstack": "\n".join([message, *stderr]) + "\n",
+                "timestamp": str(int(failure.ended_at)),
+                "rank": failure.rank,
+                "local_rank": failure.local_rank,
+                "host": failure.host,
+                "pid": failure.pid,
+                "exitcode": failure.exitcode,
+                "signal": failure.signal_name,
+                "stderr_tail": failure.stderr_tail,
+            },
+            "errorCode": failure.torchrun_exitcode,
+        }
+    }
 
 
-def _record_child_failure(root: Failure) -> None:
-    """Pass the root cause's error file up to whoever launched us, as torch's ``dump_error_file`` does."""
-    child = read_error_file(root.error_file) if root.error_file else None
-    # Nothing to pass up when the child wrote no (readable) file.
+def _exception_error_data(e: BaseException) -> dict:
+    """torch's ``ErrorHandler.record_exception`` record."""
+    return {
+        "message": {
+            "message": f"{type(e).__name__}: {e}",
+            "extraInfo": {
+                "py_callstack": "".join(traceback.format_exception(e)),
+                # whole seconds as a string: torch's reader does int() on it
+                "timestamp": str(int(time.time())),
+            },
+        }
+    }
+
+
+def _child_error_data(failure: Failure) -> dict | None:
+    """The worker's own error file as JSON, None when it wrote no readable one."""
+    child = read_error_file(failure.error_file) if failure.error_file else None
     if child is None or not isinstance(child.raw, dict) or "message" not in child.raw:
-        return
-    data = child.raw
-    # The child cannot know its exit code when a signal killed it.
-    if root.torchrun_exitcode and isinstance(data["message"], dict):
-        data["message"]["errorCode"] = root.torchrun_exitcode
-    _write_error_file(data)
+        return None
+    return child.raw
+
+
+def _with_error_code(data: dict, failure: Failure) -> dict:
+    """torch's ``dump_error_file``: the child cannot know its exit code when a signal killed it."""
+    if failure.torchrun_exitcode and isinstance(data["message"], dict):
+        data["message"]["errorCode"] = failure.torchrun_exitcode
+    return data
 
 
 def _write_error_file(data: dict) -> None:
@@ -198,7 +264,7 @@ def _write_error_file(data: dict) -> None:
     try:
         _write_json_atomically(path, data)
     except OSError as e:
-        warnings.warn(f"Unable to write error to file. {type(e).__name__}: {e}", stacklevel=4)
+        warnings.warn(f"Unable to write error to file. {type(e).__name__}: {e}", stacklevel=3)
 
 
 @dataclass

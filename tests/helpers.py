@@ -15,6 +15,7 @@ from datetime import timedelta
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(REPO, "tests", "workers")
 LAUNCHER = [sys.executable, "-m", "launcher"]
+TORCHRUN = [os.path.join(os.path.dirname(sys.executable), "torchrun")]  # the reference, from .venv
 
 # The fake NVML's GPUs (tests/fake_nvml.c reads them from FAKE_NVML_UUIDS and FAKE_NVML_BUS_IDS).
 UUIDS = ["GPU-11111111-aaaa", "GPU-22222222-bbbb", "GPU-23333333-cccc"]
@@ -43,10 +44,10 @@ def run_launcher(*args, env=None, timeout=180):
     )
 
 
-def start_launcher(*args, env=None, text=True):
-    """Start ``python -m launcher ARGS`` with its stdout and stderr on pipes; the Popen."""
+def start_launcher(*args, env=None, text=True, program=LAUNCHER):
+    """Start ``python -m launcher ARGS`` (or ``program``: TORCHRUN) with its stdout and stderr on pipes; the Popen."""
     return subprocess.Popen(
-        LAUNCHER + [str(a) for a in args],
+        program + [str(a) for a in args],
         env=clean_env() if env is None else env,
         cwd=REPO,
         stdout=subprocess.PIPE,
