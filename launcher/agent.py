@@ -10,6 +10,12 @@ One loop per launcher process (one per node)::
 
 The agent never polls: it sleeps in the supervisor's event loop, which wakes
 on a worker exit, a signal, or the rendezvous' "node waiting" descriptor.
+
+Its events (launcher.events) come in torch's ``SimpleElasticAgent`` order:
+per round RENDEZVOUS, ASSIGN_WORKER_RANKS and START per worker; RESTARTING or
+MEMBERSHIP_CHANGED (ours) before a restart; at the end per worker SUCCEEDED,
+FAILED or TERMINATED, then the agent's SUCCEEDED (it ran to its end, even when
+its workers failed, as torch records it) or FAILED (the agent itself failed).
 """
 from __future__ import annotations
 
@@ -21,13 +27,15 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
 from launcher import LOCAL_RANK_MACRO
 from launcher.config import LaunchConfig
-from launcher.errors import ERROR_FILE_ENV, Failure, SignalException
+from launcher.errors import ERROR_FILE_ENV, Failure, SignalException, failure_error_data
+from launcher.events import AgentEvent, EventLog, WorkerStatus
 from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousHandler, RendezvousInfo
 from launcher.store import StoreInterrupted
@@ -44,14 +52,6 @@ class Outcome(Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     MEMBERSHIP_CHANGED = "membership_changed"  # a node waits to join: restart with it
-
-
-class AgentEvent(Enum):
-    """The agent's events; the value is the event's name in --event-log-handler=console's JSON lines."""
-
-    WORKERS_STARTED = "workers_started"
-    WORKERS_SUCCEEDED = "workers_succeeded"
-    WORKERS_FAILED = "workers_failed"
 
 
 @dataclass
@@ -110,13 +110,33 @@ class Agent:
         self.handler = handler
         self.signals = signals
         self.host = socket.getfqdn()
-        self.restart_count = 0
+        self.restart_count = 0  # every restart, membership changes included (TORCHELASTIC_RESTART_COUNT)
+        self.remaining_restarts = config.max_restarts  # failures left to restart after
+        self.ranks: Ranks | None = None  # this node's place in the latest round
+        self.events = EventLog(
+            config.event_log_handler,
+            run_id=handler.run_id,
+            role=config.role,
+            hostname=self.host,
+            rdzv_backend=config.rdzv_backend,
+            # torch's WorkerSpec.get_entrypoint_name (a callable without a name, a partial, by its type's)
+            entry_point=os.path.basename(entrypoint)
+            if isinstance(entrypoint, str)
+            else getattr(entrypoint, "__qualname__", type(entrypoint).__qualname__),
+        )
 
     def run(self) -> RunResult:
-        remaining_restarts = self.config.max_restarts
+        try:
+            result = self._run()
+        except Exception as error:  # a signal, a rendezvous or store failure, anything of the agent's own
+            self._event(AgentEvent.FAILED, raw_error="".join(traceback.format_exception(error)))
+            raise
+        self._event(AgentEvent.SUCCEEDED)  # the agent ran to its end, whatever its workers did (torch's rule)
+        return result
+
+    def _run(self) -> RunResult:
         while True:
-            info = self._rendezvous()
-            ranks = Ranks.of(info)
+            info, ranks = self._rendezvous()
             attempt_logs = self.config.logs_specs.attempt(
                 self.handler.run_id,
                 self.restart_count,
@@ -133,40 +153,56 @@ class Agent:
                 duplicate_stderr_filters=self.config.duplicate_stderr_filters or (),
                 term_on_failure=True,  # every failure ends the group: start at once
             )
-            self._event(
-                AgentEvent.WORKERS_STARTED, round=info.round, group_rank=ranks.group_rank, world_size=ranks.world_size
-            )
             group.start()
+            for local_rank, pid in group.pids().items():
+                self._worker_event(AgentEvent.START, ranks, local_rank, pid)
             outcome, failed = self._monitor(group)
             if outcome is Outcome.SUCCEEDED:
-                self._event(AgentEvent.WORKERS_SUCCEEDED, round=info.round)
                 result = RunResult(
                     return_values=self._return_values(attempt_logs, ranks), attempt_dir=attempt_logs.directory
                 )
                 self._exit_barrier(info)
+                self._final_worker_events(group, ranks, [])
                 return result
             if outcome is Outcome.FAILED:
                 failures = [self._failure(exit, attempt_logs) for exit in failed]
-                self._event(AgentEvent.WORKERS_FAILED, round=info.round, failed_ranks=[f.rank for f in failures])
-                if remaining_restarts == 0:
+                if self.remaining_restarts == 0:
+                    self._final_worker_events(group, ranks, failures)
                     return RunResult(failures=failures, attempt_dir=attempt_logs.directory)
                 log.warning(
                     "[%s] worker group failed (%s); %d/%d restarts left, restarting",
                     self.config.role,
                     ", ".join(f"rank {f.rank}: {exit.status}" for f, exit in zip(failures, failed)),
-                    remaining_restarts,
+                    self.remaining_restarts,
                     self.config.max_restarts,
                 )
-                remaining_restarts -= 1
+                self._event(
+                    AgentEvent.RESTARTING,
+                    raw_error=json.dumps(failure_error_data(failures[0])),
+                    failed_ranks=[failure.rank for failure in failures],
+                )
+                self.remaining_restarts -= 1
             else:
                 log.warning("[%s] a node is waiting to join; restarting the worker group with it", self.config.role)
+                self._event(AgentEvent.MEMBERSHIP_CHANGED, num_nodes_waiting=self.handler.num_nodes_waiting())
             self.restart_count += 1
 
-    def _rendezvous(self) -> RendezvousInfo:
+    def _rendezvous(self) -> tuple[RendezvousInfo, Ranks]:
+        """The next round and this node's ranks in it, each step an event with its duration, as torch records them."""
+        started = time.perf_counter()
         try:
-            return self.handler.next_rendezvous()
-        except StoreInterrupted:
-            raise SignalException(f"Process {os.getpid()} got signal", self._pending_signal()) from None
+            info = self.handler.next_rendezvous()
+        except BaseException as error:
+            self._event(AgentEvent.RENDEZVOUS, duration_ms=_ms_since(started))  # a round that failed too
+            if isinstance(error, StoreInterrupted):
+                raise SignalException(f"Process {os.getpid()} got signal", self._pending_signal()) from None
+            raise
+        rendezvous_ms, started = _ms_since(started), time.perf_counter()
+        self.ranks = Ranks.of(info)
+        assign_ms = _ms_since(started)
+        self._event(AgentEvent.RENDEZVOUS, duration_ms=rendezvous_ms)
+        self._event(AgentEvent.ASSIGN_WORKER_RANKS, duration_ms=assign_ms)
+        return info, self.ranks
 
     def _pending_signal(self) -> signal.Signals:
         signum = self.signals.read()
@@ -309,10 +345,56 @@ class Agent:
         except Exception as error:  # a lost peer must not turn this node's success into a failure
             log.warning("exit barrier ended after %.0f s: %s", time.monotonic() - started, error)
 
-    def _event(self, event: AgentEvent, **metadata) -> None:
-        """Agent events, written as JSON lines when --event-log-handler=console."""
-        if self.config.event_log_handler == "console":
-            record = {
-                "name": event.value, "run_id": self.handler.run_id, "host": self.host, "time": time.time(), **metadata
-            }
-            print(json.dumps(record), file=sys.stderr, flush=True)
+    def _event(
+        self, event: AgentEvent, *, raw_error: str | None = None, duration_ms: float | None = None, **metadata
+    ) -> None:
+        """One of the agent's own events; ``metadata`` goes into the event's inner metadata."""
+        self.events.record(
+            event,
+            group_rank=self.ranks.group_rank if self.ranks else None,
+            group_world_size=self.ranks.group_world_size if self.ranks else None,
+            agent_restarts=self.config.max_restarts - self.remaining_restarts,
+            raw_error=raw_error,
+            duration_ms=duration_ms,
+            **metadata,
+        )
+
+    def _worker_event(
+        self,
+        event: AgentEvent,
+        ranks: Ranks,
+        local_rank: int,
+        pid: int,
+        exit_code: int | None = None,
+        raw_error: str | None = None,
+    ) -> None:
+        self.events.record(
+            event,
+            group_rank=ranks.group_rank,
+            group_world_size=ranks.group_world_size,
+            agent_restarts=self.config.max_restarts - self.remaining_restarts,
+            worker=WorkerStatus(
+                local_rank=local_rank,
+                global_rank=ranks.base_rank + local_rank,
+                role_rank=ranks.role_rank_base + local_rank,
+                role_world_size=ranks.role_world_size,
+                pid=pid,
+                exit_code=exit_code,
+            ),
+            raw_error=raw_error,
+        )
+
+    def _final_worker_events(self, group: WorkerGroup, ranks: Ranks, failures: list[Failure]) -> None:
+        """Each worker's end: FAILED with its error data; SUCCEEDED if it exited 0; else TERMINATED (stopped by us)."""
+        failed = {failure.local_rank: failure for failure in failures}
+        for exit in group.stop():  # every worker has exited: this only returns their exits
+            code = exit.exitcode if exit.signal is None else -exit.signal
+            if exit.local_rank in failed:
+                event, raw_error = AgentEvent.FAILED, json.dumps(failure_error_data(failed[exit.local_rank]))
+            else:
+                event, raw_error = (AgentEvent.SUCCEEDED if code == 0 else AgentEvent.TERMINATED), None
+            self._worker_event(event, ranks, exit.local_rank, exit.pid, code, raw_error)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

@@ -1,5 +1,4 @@
-"""The agent loop: restarts, restart counting, its console events, the Python launch API."""
-import json
+"""The agent loop: restarts, restart counting, the Python launch API (its events: test_events.py)."""
 import os
 import signal
 import sys
@@ -31,29 +30,6 @@ def test_max_restarts_are_counted_and_exhausted(tmp_path):
     attempts = {name.split("_attempt")[1] for name in os.listdir(tmp_path)}
     assert attempts == {"0", "1", "2"}
     assert "exitcode  : 7" in result.stderr
-
-
-def console_events(stderr):
-    return [json.loads(line) for line in stderr.splitlines() if line.startswith('{"name": ')]
-
-
-def test_console_events_are_json_lines_on_stderr(tmp_path):
-    options = ["--standalone", "--nproc-per-node=2", "--event-log-handler=console", "--no-python"]
-    succeeded = run_launcher(*options, "true")
-    assert succeeded.returncode == 0, succeeded.stderr
-    started, done = console_events(succeeded.stderr)
-    assert set(started) == {"name", "run_id", "host", "time", "round", "group_rank", "world_size"}
-    assert (started["name"], started["round"], started["group_rank"], started["world_size"]) == (
-        "workers_started", 0, 0, 2
-    )
-    assert set(done) == {"name", "run_id", "host", "time", "round"}
-    assert (done["name"], done["run_id"], done["round"]) == ("workers_succeeded", started["run_id"], 0)
-
-    failed = run_launcher(*options, f"{WORKERS}/always_fail.sh", tmp_path)
-    assert failed.returncode == 1
-    started, failure = console_events(failed.stderr)
-    assert (started["name"], failure["name"], failure["round"]) == ("workers_started", "workers_failed", 0)
-    assert failure["failed_ranks"] and set(failure["failed_ranks"]) <= {0, 1}  # the first to fail stops the other
 
 
 def config(**overrides) -> LaunchConfig:
