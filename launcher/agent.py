@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from launcher import LOCAL_RANK_MACRO
 from launcher.config import LaunchConfig
-from launcher.errors import ERROR_FILE_ENV, Failure, SignalException, failure_error_data
+from launcher.errors import ERROR_FILE_ENV, Failure, SignalException, failure_error_data, torchrun_exitcode
 from launcher.events import AgentEvent, EventLog, WorkerStatus
 from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousHandler, RendezvousInfo
@@ -388,7 +388,7 @@ class Agent:
         """Each worker's end: FAILED with its error data; SUCCEEDED if it exited 0; else TERMINATED (stopped by us)."""
         failed = {failure.local_rank: failure for failure in failures}
         for exit in group.stop():  # every worker has exited: this only returns their exits
-            code = exit.exitcode if exit.signal is None else -exit.signal
+            code = torchrun_exitcode(exit.exitcode, exit.signal)
             if exit.local_rank in failed:
                 event, raw_error = AgentEvent.FAILED, json.dumps(failure_error_data(failed[exit.local_rank]))
             else:

@@ -48,12 +48,18 @@ __all__ = [
     "record_launch_failure",
     "signal_name",
     "summary_json",
+    "torchrun_exitcode",
     "write_summary_json",
 ]
 
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 _NOT_AVAILABLE = "<N/A>"  # torchrun's marker for a missing error file
 _RULER_MAX_WIDTH = 60  # torchrun's
+
+
+def torchrun_exitcode(exitcode: int | None, signum: int | None) -> int:
+    """A process's end as torchrun reports it: its exit code, or minus the signal number for a signal death."""
+    return -signum if signum is not None else exitcode
 
 
 def signal_name(signum: int) -> str:
@@ -291,8 +297,7 @@ class Failure:
 
     @property
     def torchrun_exitcode(self) -> int:
-        """The exit code as torchrun reports it: minus the signal number for a signal death."""
-        return -self.signal if self.signal is not None else self.exitcode
+        return torchrun_exitcode(self.exitcode, self.signal)
 
     @property
     def signal_name(self) -> str | None:
