@@ -14,8 +14,9 @@ on a worker exit, a signal, or the rendezvous' "node waiting" descriptor.
 Its events (launcher.events) come in torch's ``SimpleElasticAgent`` order:
 per round RENDEZVOUS, ASSIGN_WORKER_RANKS and START per worker; RESTARTING or
 MEMBERSHIP_CHANGED (ours) before a restart; at the end per worker SUCCEEDED,
-FAILED or TERMINATED, then the agent's SUCCEEDED (it ran to its end, even when
-its workers failed, as torch records it) or FAILED (the agent itself failed).
+FAILED or TERMINATED, then the agent's SUCCEEDED, or FAILED when its workers
+failed for good or the agent itself failed (torch records SUCCEEDED for an agent
+whose workers failed: a failed job then reads as a success).
 """
 from __future__ import annotations
 
@@ -131,7 +132,10 @@ class Agent:
         except Exception as error:  # a signal, a rendezvous or store failure, anything of the agent's own
             self._event(AgentEvent.FAILED, raw_error="".join(traceback.format_exception(error)))
             raise
-        self._event(AgentEvent.SUCCEEDED)  # the agent ran to its end, whatever its workers did (torch's rule)
+        if result.failed:  # the root cause's record, as the launcher's error file holds it
+            self._event(AgentEvent.FAILED, raw_error=json.dumps(failure_error_data(result.failures[0])))
+        else:
+            self._event(AgentEvent.SUCCEEDED)
         return result
 
     def _run(self) -> RunResult:
