@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 from etcd import ETCD, NO_ETCD, EtcdServer
-from helpers import BUS_IDS, REPO, UUIDS
+from helpers import BUS_IDS, REPO, UUIDS, together
 
 
 @pytest.fixture
@@ -59,8 +59,12 @@ def etcd_server():
 
 @pytest.fixture
 def handlers():
-    """Rendezvous handlers a test made, shut down after it in reverse: the store's host, made first, last."""
+    """Rendezvous handlers a test made, shut down together after it, as the nodes of a job end.
+
+    Together: a node that serves the others (the c10d store's host, rank 0) waits at shutdown
+    until they have left, so one by one each such node would wait out its close_timeout.
+    """
     made = []
     yield made
-    for handler in reversed(made):
-        handler.shutdown()
+    if made:
+        together([handler.shutdown for handler in made])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -48,7 +49,14 @@ from launcher.rendezvous import (
     RendezvousTimeoutError,
 )
 from launcher.rendezvous.background import BackgroundThread, WaitingNodes
-from launcher.rendezvous.keyvalue import STATUS_INTERVAL, Connect, agents_store, node_address, node_id
+from launcher.rendezvous.keyvalue import (
+    STATUS_INTERVAL,
+    Connect,
+    KeyValueBackend,
+    agents_store,
+    node_address,
+    node_id,
+)
 from launcher.store import DistNetworkError, StoreInterrupted, StoreServer, TCPStore
 
 log = logging.getLogger("launcher.rendezvous")
@@ -113,6 +121,7 @@ def _deadline_key(round: int) -> str:
 
 
 _NO_DEADLINE = b"none"
+_LEAVE_POLL = 0.05  # seconds between two looks at who has left, while the nodes we serve finish
 
 
 def _decode_round(data: bytes) -> list[list] | None:
@@ -305,8 +314,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._close()
 
     def shutdown(self) -> None:
-        self._end_round()
+        # Leave before the round ends: a node that serves the others waits in _leave until they have
+        # left, and its workers' store must outlast their exit barrier. Our watcher stops first: it
+        # reads the store the others are leaving.
+        self._waiting.stop()
         self._leave(close_if_last=True)
+        self._end_round()
         self._close()
 
     # -- rounds -------------------------------------------------------------
@@ -458,9 +471,19 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._heartbeat.start()
 
     def _leave(self, close_if_last: bool) -> None:
-        """Stop heartbeating and mark this node gone; close the rendezvous if asked and no member is left.
+        """Stop heartbeating and mark this node gone; at shutdown (close_if_last) close the rendezvous
+        once no member of our round is left.
 
         Uses the heartbeat's connection, which the agent's signal does not interrupt.
+
+        At shutdown a node that serves the others (it hosts the c10d store, or the workers'
+        store as rank 0) then waits, up to close_timeout, until no other member of its round
+        is alive before it closes its servers: the others finish their exit barrier on the
+        workers' store and then leave through the c10d store, and a server closed under them
+        turned a successful job's end into warnings ("could not leave cleanly", "exit barrier
+        ended"). Waiting for them, rather than letting them ignore a lost store, keeps a real
+        loss visible. A member whose agent died stops counting when its heartbeat expires;
+        marking ourselves gone before waiting keeps two serving nodes from waiting for each other.
         """
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is None:
@@ -472,12 +495,27 @@ class DynamicRendezvousHandler(RendezvousHandler):
             kv.mark_left(self._me.id)
             if close_if_last and self._round is not None:
                 others = [row[0] for row in self._members if row[0] != self._me.id]
+                if self._owned or self._serving:
+                    self._wait_for_others_to_leave(kv, others)
                 if not kv.alive(others) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
-                    log.info("rendezvous '%s' closed: this node was the last of round %d", self.run_id, self._round)
+                    log.info("rendezvous '%s' closed: no node of round %d is left", self.run_id, self._round)
         except (RendezvousError, StoreInterrupted) as exc:
             log.warning("rendezvous '%s': could not leave cleanly: %s", self.run_id, exc)
         finally:
             heartbeat.close()
+
+    def _wait_for_others_to_leave(self, kv: KeyValueBackend, others: list[str]) -> None:
+        """Until none of ``others`` is alive, close_timeout passes, or the agent's signal arrives."""
+        deadline = time.monotonic() + self._settings.close_timeout
+        signal_fd = [self._interrupt_fd] if self._interrupt_fd >= 0 else []
+        while kv.alive(others):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.debug("rendezvous '%s': closing with nodes of round %d still alive after %.0f s",
+                          self.run_id, self._round, self._settings.close_timeout)
+                return
+            if select.select(signal_fd, [], [], min(left, _LEAVE_POLL))[0]:
+                return  # a signal: the agent has more urgent things to do
 
     def _close(self) -> None:
         if self._closed:
