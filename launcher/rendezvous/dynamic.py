@@ -121,6 +121,17 @@ def _deadline_key(round: int) -> str:
 
 
 _NO_DEADLINE = b"none"
+
+
+def _left_key(round: int, node: str) -> str:
+    return f"left/{round}/{node}"
+
+
+# What left/<round>/<node> says: DONE, the node will ask nothing more of the rendezvous' store;
+# HOSTING, the node hosts that store and waits for the others (hosts share it: they need not
+# wait for each other).
+_DONE = b"done"
+_HOSTING = b"hosting"
 _LEAVE_POLL = 0.05  # seconds between two looks at who has left, while the nodes we serve finish
 
 
@@ -476,14 +487,15 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
         Uses the heartbeat's connection, which the agent's signal does not interrupt.
 
-        At shutdown a node that serves the others (it hosts the c10d store, or the workers'
-        store as rank 0) then waits, up to close_timeout, until no other member of its round
-        is alive before it closes its servers: the others finish their exit barrier on the
-        workers' store and then leave through the c10d store, and a server closed under them
-        turned a successful job's end into warnings ("could not leave cleanly", "exit barrier
-        ended"). Waiting for them, rather than letting them ignore a lost store, keeps a real
-        loss visible. A member whose agent died stops counting when its heartbeat expires;
-        marking ourselves gone before waiting keeps two serving nodes from waiting for each other.
+        At shutdown a node that serves the others waits, up to close_timeout, until they no
+        longer need it: rank 0 until they have left (their exit barrier on its workers' store
+        is over), the c10d store's host until each has written its left record, the last
+        request a node makes. Closing either under them turned a successful job's end into
+        warnings ("exit barrier ended", "could not leave cleanly"); waiting for them, rather
+        than letting them ignore a lost store, keeps a real loss visible. A member that died
+        writes no record: it stops counting a liveness period after its heartbeat ended.
+        Marking ourselves gone before waiting keeps rank 0 and the host from waiting for
+        each other.
         """
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is None:
@@ -493,28 +505,45 @@ class DynamicRendezvousHandler(RendezvousHandler):
         try:
             kv.set_timeout(self._settings.close_timeout)
             kv.mark_left(self._me.id)
-            if close_if_last and self._round is not None:
-                others = [row[0] for row in self._members if row[0] != self._me.id]
-                if self._owned or self._serving:
-                    self._wait_for_others_to_leave(kv, others)
-                if not kv.alive(others) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
-                    log.info("rendezvous '%s' closed: no node of round %d is left", self.run_id, self._round)
+            if self._round is not None:
+                if close_if_last:
+                    others = [row[0] for row in self._members if row[0] != self._me.id]
+                    if self._owned:
+                        kv.set(_left_key(self._round, self._me.id), _HOSTING)
+                        self._wait_for_others(kv, others, until_done=True)
+                    elif self._serving:
+                        self._wait_for_others(kv, others, until_done=False)
+                    if not kv.alive(others) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
+                        log.info("rendezvous '%s' closed: no node of round %d is left", self.run_id, self._round)
+                kv.set(_left_key(self._round, self._me.id), _DONE)
         except (RendezvousError, StoreInterrupted) as exc:
             log.warning("rendezvous '%s': could not leave cleanly: %s", self.run_id, exc)
         finally:
             heartbeat.close()
 
-    def _wait_for_others_to_leave(self, kv: KeyValueBackend, others: list[str]) -> None:
-        """Until none of ``others`` is alive, close_timeout passes, or the agent's signal arrives."""
-        deadline = time.monotonic() + self._settings.close_timeout
+    def _wait_for_others(self, kv: KeyValueBackend, others: list[str], until_done: bool) -> None:
+        """Until every one of ``others`` has left (until_done: and written its left record, or died),
+        close_timeout passes, or the agent's signal arrives."""
+        settings = self._settings
+        deadline = time.monotonic() + settings.close_timeout
         signal_fd = [self._interrupt_fd] if self._interrupt_fd >= 0 else []
-        while kv.alive(others):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.debug("rendezvous '%s': closing with nodes of round %d still alive after %.0f s",
-                          self.run_id, self._round, self._settings.close_timeout)
+        silent_since: dict[str, float] = {}  # when each node was first seen gone without a record
+        pending = others
+        while True:
+            alive = kv.alive(pending)
+            now = time.monotonic()
+            pending = [
+                node for node in pending
+                if node in alive or (until_done and kv.get(_left_key(self._round, node)) is None
+                                     and now - silent_since.setdefault(node, now) < settings.liveness)
+            ]
+            if not pending:
                 return
-            if select.select(signal_fd, [], [], min(left, _LEAVE_POLL))[0]:
+            if now >= deadline:
+                log.debug("rendezvous '%s': closing while %d node(s) of round %d may still need us",
+                          self.run_id, len(pending), self._round)
+                return
+            if select.select(signal_fd, [], [], min(deadline - now, _LEAVE_POLL))[0]:
                 return  # a signal: the agent has more urgent things to do
 
     def _close(self) -> None:
