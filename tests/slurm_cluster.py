@@ -24,8 +24,8 @@ import time
 
 from helpers import comm, free_port, wait_for
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scancel", "squeue", "sinfo", "scontrol")
-MISSING = [name for name in DAEMONS if shutil.which(name) is None]
+COMMANDS = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scancel", "squeue", "sinfo", "scontrol")
+MISSING = [name for name in COMMANDS if shutil.which(name) is None]
 NO_SLURM = (
     f"Slurm or munge not installed ({', '.join(MISSING)} not on PATH; "
     "`.ci/install-slurm` installs slurmctld slurmd slurm-client munge)"
