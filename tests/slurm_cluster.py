@@ -33,6 +33,7 @@ NO_SLURM = (
 NODES = 2
 CPUS_PER_NODE = 4  # what Slurm may allocate; the workers are not bound to them
 LOG_LINES = 40  # of each log, shown under a failed test
+KILL_WAIT = 120  # seconds from scancel's SIGTERM to its SIGKILL
 
 
 class DaemonExited(RuntimeError):
@@ -143,9 +144,9 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides",
             "ReturnToService=2",
             "InactiveLimit=0",
-            # scancel: SIGTERM, then SIGKILL after KillWait; long enough that the launcher's own teardown is what
-            # the tests see.
-            "KillWait=30",
+            # scancel: SIGTERM, then SIGKILL after KillWait; long enough that what the tests see ending a job
+            # is the SIGTERM and the launcher's own teardown.
+            f"KillWait={KILL_WAIT}",
             "MinJobAge=300",
         ]
         for node in self.nodes:

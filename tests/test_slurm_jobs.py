@@ -17,6 +17,7 @@ import sys
 
 import pytest
 from helpers import LAUNCHER, REPO, WORKERS, clean_env, dead, finish, parent, wait_for
+from slurm_cluster import KILL_WAIT
 
 WORKER = os.path.join(WORKERS, "slurm_train.py")
 BINARY = os.path.join(REPO, "dist", "launcher")
@@ -44,9 +45,9 @@ def job_env(cluster, **extra):
     return clean_env(OMP_NUM_THREADS=1, **cluster.env, **extra)
 
 
-def srun(tmp_path, *command, nodes=2):
-    """srun of one task per node; task N's output (stdout and stderr) in tmp_path/task<N>.log."""
-    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--chdir={REPO}", f"--output={tmp_path}/task%t.log",
+def srun(tmp_path, *command):
+    """srun on both nodes, one task each; task N's output (stdout and stderr) in tmp_path/task<N>.log."""
+    return ["srun", "--nodes=2", "--ntasks-per-node=1", f"--chdir={REPO}", f"--output={tmp_path}/task%t.log",
             *[str(a) for a in command]]
 
 
@@ -73,9 +74,9 @@ def records(directory, suffix, count):
     return {rank: json.loads((directory / f"{rank}.{suffix}").read_text()) for rank in range(count)}
 
 
-def wait_until_ready(directory, job, ranks):
-    """Until every rank holds (wrote <rank>.ready) while the job runs."""
-    wait_for(lambda: all((directory / f"{r}.ready").exists() for r in ranks) or job.poll() is not None,
+def wait_until_holding(directory, job, count):
+    """Until ranks 0 to count-1 hold (wrote <rank>.ready) while the job runs."""
+    wait_for(lambda: all((directory / f"{r}.ready").exists() for r in range(count)) or job.poll() is not None,
              timeout=120, what="every worker to be ready")
     assert job.poll() is None, finish(job)
 
@@ -144,16 +145,16 @@ def test_the_example_batch_script_runs_with_sbatch(slurm_cluster, tmp_path):
 def test_scancel_leaves_no_process_on_any_node(slurm_cluster, tmp_path):
     job = start_job(slurm_cluster, tmp_path, *LAUNCHER, "--nproc-per-node=2", WORKER, tmp_path, "--hold")
     try:
-        wait_until_ready(tmp_path, job, range(4))
+        wait_until_holding(tmp_path, job, 4)
         running = slurm_cluster.node_processes()
         assert all(len(pids) >= 4 for pids in running.values()), running  # slurmstepd, launcher, 2 workers
         slurm_cluster.command("scancel", records(tmp_path, "json", 1)[0]["job"])
         [(code, _, err)] = finish(job)
         assert code != 0, err
-        # Gone well before Slurm's SIGKILL, KillWait (30 s) after its SIGTERM.
-        wait_for(lambda: all(dead(pid) for pids in running.values() for pid in pids), timeout=25,
+        # Gone before Slurm's SIGKILL, KILL_WAIT after its SIGTERM: the SIGTERM and the launcher ended them.
+        wait_for(lambda: all(dead(pid) for pids in running.values() for pid in pids), timeout=KILL_WAIT - 30,
                  what="every process of the job to end")
-        wait_for(lambda: not any(slurm_cluster.node_processes().values()), timeout=25,
+        wait_for(lambda: not any(slurm_cluster.node_processes().values()), timeout=KILL_WAIT - 30,
                  what="the nodes to run nothing but slurmd")
     finally:
         if job.poll() is None:
@@ -164,7 +165,7 @@ def test_scancel_leaves_no_process_on_any_node(slurm_cluster, tmp_path):
 def test_scancel_usr1_reaches_every_worker_and_the_workers_carry_on(slurm_cluster, tmp_path):
     job = start_job(slurm_cluster, tmp_path, *LAUNCHER, "--nproc-per-node=2", HANDLED, WORKER, tmp_path, "--hold")
     try:
-        wait_until_ready(tmp_path, job, range(4))
+        wait_until_holding(tmp_path, job, 4)
         slurm_cluster.command("scancel", "--signal=USR1", records(tmp_path, "json", 1)[0]["job"])
         wait_for(lambda: all((tmp_path / f"{r}.signals").exists() for r in range(4)), timeout=60,
                  what="every worker to get SIGUSR1")
