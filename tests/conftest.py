@@ -4,7 +4,8 @@ import subprocess
 
 import pytest
 from etcd import ETCD, NO_ETCD, EtcdServer
-from helpers import BUS_IDS, REPO, UUIDS
+from helpers import BUS_IDS, REPO, UUIDS, together
+from slurm_cluster import MISSING, NO_SLURM, SlurmCluster, unshare_refused
 
 
 @pytest.fixture
@@ -59,8 +60,41 @@ def etcd_server():
 
 @pytest.fixture
 def handlers():
-    """Rendezvous handlers a test made, shut down after it in reverse: the store's host, made first, last."""
+    """Rendezvous handlers a test made, shut down together after it, as the nodes of a job end.
+
+    Together: a node that serves the others (the c10d store's host, rank 0) waits at shutdown
+    until they have left, so one by one each such node would wait out its close_timeout.
+    """
     made = []
     yield made
-    for handler in reversed(made):
-        handler.shutdown()
+    if made:
+        together([handler.shutdown for handler in made])
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real Slurm cluster (tests/slurm_cluster.py), started once for the session.
+
+    Its tests are skipped, naming what is missing, only where the packages are not
+    installed or unshare is refused; a cluster that fails to start is an error.
+    """
+    if MISSING:
+        pytest.skip(NO_SLURM)
+    refused = unshare_refused()
+    if refused:
+        pytest.skip(refused)
+    cluster = SlurmCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the Slurm cluster shows the daemons' logs under its report."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = getattr(item, "funcargs", {}).get("slurm_cluster")
+    if report.failed and cluster is not None:
+        report.sections.append(("Slurm cluster logs", cluster.logs()))

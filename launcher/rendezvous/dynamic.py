@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -48,7 +49,14 @@ from launcher.rendezvous import (
     RendezvousTimeoutError,
 )
 from launcher.rendezvous.background import BackgroundThread, WaitingNodes
-from launcher.rendezvous.keyvalue import STATUS_INTERVAL, Connect, agents_store, node_address, node_id
+from launcher.rendezvous.keyvalue import (
+    STATUS_INTERVAL,
+    Connect,
+    KeyValueBackend,
+    agents_store,
+    node_address,
+    node_id,
+)
 from launcher.store import DistNetworkError, StoreInterrupted, StoreServer, TCPStore
 
 log = logging.getLogger("launcher.rendezvous")
@@ -113,6 +121,18 @@ def _deadline_key(round: int) -> str:
 
 
 _NO_DEADLINE = b"none"
+
+
+def _left_key(round: int, node: str) -> str:
+    return f"left/{round}/{node}"
+
+
+# What left/<round>/<node> says: DONE, the node will ask nothing more of the rendezvous' store;
+# HOSTING, the node hosts that store and waits for the others (hosts share it: they need not
+# wait for each other).
+_DONE = b"done"
+_HOSTING = b"hosting"
+_LEAVE_POLL = 0.05  # seconds between two looks at who has left, while the nodes we serve finish
 
 
 def _decode_round(data: bytes) -> list[list] | None:
@@ -305,8 +325,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._close()
 
     def shutdown(self) -> None:
-        self._end_round()
+        # Leave before the round ends: a node that serves the others waits in _leave until they have
+        # left, and its workers' store must outlast their exit barrier. Our watcher stops first: it
+        # reads the store the others are leaving.
+        self._waiting.stop()
         self._leave(close_if_last=True)
+        self._end_round()
         self._close()
 
     # -- rounds -------------------------------------------------------------
@@ -458,9 +482,20 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._heartbeat.start()
 
     def _leave(self, close_if_last: bool) -> None:
-        """Stop heartbeating and mark this node gone; close the rendezvous if asked and no member is left.
+        """Stop heartbeating and mark this node gone; at shutdown (close_if_last) close the rendezvous
+        once no member of our round is left.
 
         Uses the heartbeat's connection, which the agent's signal does not interrupt.
+
+        At shutdown a node that serves the others waits, up to close_timeout, until they no
+        longer need it: rank 0 until they have left (their exit barrier on its workers' store
+        is over), the c10d store's host until each has written its left record, the last
+        request a node makes. Closing either under them turned a successful job's end into
+        warnings ("exit barrier ended", "could not leave cleanly"); waiting for them, rather
+        than letting them ignore a lost store, keeps a real loss visible. A member that died
+        writes no record: it stops counting a liveness period after its heartbeat ended.
+        Marking ourselves gone before waiting keeps rank 0 and the host from waiting for
+        each other.
         """
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is None:
@@ -470,14 +505,46 @@ class DynamicRendezvousHandler(RendezvousHandler):
         try:
             kv.set_timeout(self._settings.close_timeout)
             kv.mark_left(self._me.id)
-            if close_if_last and self._round is not None:
-                others = [row[0] for row in self._members if row[0] != self._me.id]
-                if not kv.alive(others) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
-                    log.info("rendezvous '%s' closed: this node was the last of round %d", self.run_id, self._round)
+            if self._round is not None:
+                if close_if_last:
+                    others = [row[0] for row in self._members if row[0] != self._me.id]
+                    if self._owned:
+                        kv.set(_left_key(self._round, self._me.id), _HOSTING)
+                        self._wait_for_others(kv, others, until_done=True)
+                    elif self._serving:
+                        self._wait_for_others(kv, others, until_done=False)
+                    if not kv.alive(others) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
+                        log.info("rendezvous '%s' closed: no node of round %d is left", self.run_id, self._round)
+                kv.set(_left_key(self._round, self._me.id), _DONE)
         except (RendezvousError, StoreInterrupted) as exc:
             log.warning("rendezvous '%s': could not leave cleanly: %s", self.run_id, exc)
         finally:
             heartbeat.close()
+
+    def _wait_for_others(self, kv: KeyValueBackend, others: list[str], until_done: bool) -> None:
+        """Until every one of ``others`` has left (until_done: and written its left record, or died),
+        close_timeout passes, or the agent's signal arrives."""
+        settings = self._settings
+        deadline = time.monotonic() + settings.close_timeout
+        signal_fd = [self._interrupt_fd] if self._interrupt_fd >= 0 else []
+        silent_since: dict[str, float] = {}  # when each node was first seen gone without a record
+        pending = others
+        while True:
+            alive = kv.alive(pending)
+            now = time.monotonic()
+            pending = [
+                node for node in pending
+                if node in alive or (until_done and kv.get(_left_key(self._round, node)) is None
+                                     and now - silent_since.setdefault(node, now) < settings.liveness)
+            ]
+            if not pending:
+                return
+            if now >= deadline:
+                log.debug("rendezvous '%s': closing while %d node(s) of round %d may still need us",
+                          self.run_id, len(pending), self._round)
+                return
+            if select.select(signal_fd, [], [], min(deadline - now, _LEAVE_POLL))[0]:
+                return  # a signal: the agent has more urgent things to do
 
     def _close(self) -> None:
         if self._closed:

@@ -10,7 +10,7 @@ backends), etcd in etcd.py. Keys of ``StoreBackend``, below its prefix::
     hb/<node>                  the node's last heartbeat (wall clock), or "left"
     latest                     the number of the latest completed round
 
-and the handler's own keys (dynamic.py's ``done/`` and ``last_call/``,
+and the handler's own keys (dynamic.py's ``done/``, ``last_call/`` and ``left/``,
 static.py's ``rank/`` and ``ready/``).
 """
 from __future__ import annotations
