@@ -194,24 +194,17 @@ def _endpoint_ok(endpoint: str) -> bool:
     return not endpoint or bool(parse_rdzv_endpoint("etcd", endpoint))
 
 
-def _rdzv_conf(value: str) -> str:
-    try:
-        parse_rdzv_conf(value)
-    except ValueError as error:
-        raise ArgumentTypeError(str(error)) from None
-    return value
+def _accepted_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that keeps the string once ``parse`` accepts it; its ValueError says what is wrong."""
 
-
-def _parsed_by(parse: Callable[[str], object]) -> Callable[[str], object]:
-    """An argparse type from a parser that raises ValueError saying what is wrong."""
-
-    def convert(value: str) -> object:
+    def check(value: str) -> str:
         try:
-            return parse(value)
+            parse(value)
         except ValueError as error:
             raise ArgumentTypeError(str(error)) from None
+        return value
 
-    return convert
+    return check
 
 
 class FreePortAction(Action):
@@ -227,14 +220,6 @@ class FreePortAction(Action):
             sock.bind(("", 0))
             print(sock.getsockname()[1])
         parser.exit()
-
-
-def _std(value: str) -> str:
-    try:
-        Std.from_str(value)
-    except ValueError as error:
-        raise ArgumentTypeError(str(error)) from None
-    return value
 
 
 def _local_ranks(value: str) -> str:
@@ -330,7 +315,7 @@ def get_args_parser(prog: str = "launcher", multi_host: bool = True) -> Argument
     add("--rdzv-id", "--rdzv_id", action=EnvDefault, default="none",
         type=_check("a non-empty id without '/'", lambda value: bool(value) and "/" not in value),
         help="User-defined group id.")
-    add("--rdzv-conf", "--rdzv_conf", action=EnvDefault, type=_rdzv_conf, default="",
+    add("--rdzv-conf", "--rdzv_conf", action=EnvDefault, type=_accepted_by(parse_rdzv_conf), default="",
         help="Additional rendezvous configuration (<key1>=<value1>,<key2>=<value2>,...).")
     add("--standalone", action=EnvFlag,
         help="Start a local standalone rendezvous backend that is represented by a C10d TCP store on a free "
@@ -364,11 +349,11 @@ def get_args_parser(prog: str = "launcher", multi_host: bool = True) -> Argument
     add("--log-dir", "--log_dir", action=EnvDefault, type=_log_dir, default=None,
         help="Base directory to use for log files (e.g. /var/log/torch/elastic). The same directory is reused "
         "for multiple runs (a unique job-level sub-directory is created with rdzv_id as the prefix).")
-    add("-r", "--redirects", action=EnvDefault, type=_std, default="0",
+    add("-r", "--redirects", action=EnvDefault, type=_accepted_by(Std.from_str), default="0",
         help="Redirect std streams into a log file in the log directory (e.g. [-r 3] redirects both "
         "stdout+stderr for all workers, [-r 0:1,1:2] redirects stdout for local rank 0 and stderr for local "
         "rank 1).")
-    add("-t", "--tee", action=EnvDefault, type=_std, default="0",
+    add("-t", "--tee", action=EnvDefault, type=_accepted_by(Std.from_str), default="0",
         help="Tee std streams into a log file and also to console (see --redirects for format).")
     add("--local-ranks-filter", "--local_ranks_filter", action=EnvDefault, type=_local_ranks, default="",
         help="Only show logs from specified ranks in console (e.g. [--local_ranks_filter=0,1,2] will only show "
@@ -425,16 +410,16 @@ def get_args_parser(prog: str = "launcher", multi_host: bool = True) -> Argument
 def _add_multi_host_options(parser: ArgumentParser) -> None:
     group = parser.add_argument_group("several hosts over ssh (one launcher per host, started from here)")
     add = group.add_argument
-    add("--hosts", action=EnvDefault, type=_parsed_by(parse_hosts), default=None, metavar="HOST[:SLOTS],...",
+    add("--hosts", action=EnvDefault, type=_accepted_by(parse_hosts), default=None, metavar="HOST[:SLOTS],...",
         help="Run on these hosts: one launcher each over ssh, in this working directory, --nnodes the number of "
         "hosts, a c10d rendezvous on the first host (a free port there, a fresh --rdzv-id unless given), SLOTS "
         "workers per host (else --nproc-per-node). The single binary copies itself to a host that lacks it.")
-    add("--hostfile", action=EnvDefault, type=_parsed_by(read_hostfile), default=None, metavar="PATH",
+    add("--hostfile", action=EnvDefault, type=_accepted_by(read_hostfile), default=None, metavar="PATH",
         help="As --hosts, from a file of lines 'HOST slots=N' (DeepSpeed's and Open MPI's hostfile; # comments).")
     add("--ssh", action=EnvDefault, default="ssh", metavar="CMD",
         help="The ssh command line for --hosts, split as a shell would (e.g. \"ssh -F ~/.ssh/cluster -p 2222\"); "
         "its hosts must accept it without a password prompt.")
-    add("--export", action=EnvDefault, type=_parsed_by(parse_export), default="", metavar="NAME,PREFIX*,...",
+    add("--export", action=EnvDefault, type=_accepted_by(parse_export), default="", metavar="NAME,PREFIX*,...",
         help="With --hosts, also pass these variables to every host, besides PATH, LD_LIBRARY_PATH, NCCL_*, "
         "PYTHON*, TORCH*, OMP_NUM_THREADS, PET_* and TORCHELASTIC_* (those set here).")
     add("--signals-from-stdin", "--signals_from_stdin", action=EnvFlag,
@@ -655,7 +640,7 @@ def given_options(args: Namespace, leave_out: Collection[str] = ()) -> list[str]
         value = getattr(args, action.dest)
         if isinstance(action, EnvFlag):
             words += [name] if value else []
-        elif isinstance(value, list):  # comma_separated_list's: a comma in an item is doubled
+        elif isinstance(value, list):  # comma_separated_list's: a comma in an item is doubled again
             words.append(f"{name}={','.join(item.replace(',', ',,') for item in value)}")
         else:
             words.append(f"{name}={value}")
@@ -667,7 +652,7 @@ def prepare_run(args: Namespace) -> Callable[[], None]:
     --hosts/--hostfile one launcher per host over ssh (launcher.hosts)."""
     if args.signals_from_stdin:
         take_signals_from_stdin()
-    if args.hosts is not None or args.hostfile is not None:
+    if args.hosts or args.hostfile:
         return HostsLaunch(args, given_options(args, leave_out=NOT_PASSED)).run
     return functools.partial(launch, *prepare_launch(args))
 

@@ -440,13 +440,13 @@ class HostsLaunch:
     """
 
     def __init__(self, args, passed_options: list[str]):
-        if args.hosts is not None and args.hostfile is not None:
+        if args.hosts and args.hostfile:
             raise ValueError("--hosts and --hostfile name the hosts twice; give one of them")
         given = sorted(set(SET_FOR_EVERY_HOST) & args.explicit)
         if given:
             flags = ", ".join(f"--{dest.replace('_', '-')} (or PET_{dest.upper()})" for dest in given)
-            raise ValueError(f"{flags}: set for every host by --hosts and --hostfile, which give the nodes and "
-                             "a c10d rendezvous on the first host; leave it out")
+            raise ValueError(f"{flags}: set for every host by --hosts and --hostfile (the hosts are the nodes, "
+                             "with a c10d rendezvous on the first); leave out what they set")
         rdzv_conf = parse_rdzv_conf(args.rdzv_conf)
         if "is_host" in rdzv_conf:
             raise ValueError("argument --rdzv-conf: is_host is set by --hosts and --hostfile (the first host "
@@ -455,9 +455,9 @@ class HostsLaunch:
             backend_config("c10d", rdzv_conf)
         except ValueError as error:
             raise ValueError(f"argument --rdzv-conf: {error}") from None
-        self.hosts: list[Host] = args.hosts if args.hosts is not None else args.hostfile
+        self.hosts = parse_hosts(args.hosts) if args.hosts else read_hostfile(args.hostfile)
         self.ssh = ssh_command(args.ssh)
-        self.environment = remote_environment(dict(os.environ), args.export)
+        self.environment = remote_environment(dict(os.environ), parse_export(args.export))
         self.cwd = os.getcwd()
         self.nproc_per_node = args.nproc_per_node
         self.rdzv_conf = ",".join(f"{key}={value}" for key, value in rdzv_conf.items())

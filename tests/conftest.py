@@ -5,6 +5,7 @@ import subprocess
 import pytest
 from etcd import ETCD, NO_ETCD, EtcdServer
 from helpers import BUS_IDS, REPO, UUIDS
+from sshd import SshServer, unavailable
 
 
 @pytest.fixture
@@ -51,6 +52,20 @@ def etcd_server():
     if ETCD is None:
         pytest.skip(NO_ETCD)
     server = EtcdServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    """A real OpenSSH server on 127.0.0.1-3 (tests/sshd.py) for the --hosts tests; they are skipped, saying
+    why, where it cannot run."""
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = SshServer().start()
     try:
         yield server
     finally:
