@@ -216,9 +216,10 @@ def ssh_command(text: str) -> list[str]:
 # every word quoted by shlex.quote; the scripts are one line, with no single quote, so that any login shell
 # passes them to sh as they are. SETUP enters the working directory and exports the variables.
 
+_SETUP_FAILED = 3  # its exit status: neither the launcher's (0, 1, 2, 128+N) nor sh's (126, 127) nor ssh's (255)
 _SETUP = (
     'cd -- "$1" 2>/dev/null || { printf "%s\\n" "no directory $1 there (every host runs in this working '
-    'directory)" >&2; exit 1; }; shift; while [ "$1" != -- ]; do export "$1"; shift; done; shift; '
+    f'directory)" >&2; exit {_SETUP_FAILED}; }}; shift; while [ "$1" != -- ]; do export "$1"; shift; done; shift; '
 )
 # ARGS: the launcher's program words. Prints the free port.
 _PROBE_INSTALLED = _SETUP + 'exec "$@" --free-port'
@@ -538,7 +539,8 @@ class HostsLaunch:
 
     def _connect_failure(self, ssh: _Ssh) -> str:
         message = ssh.last_error or f"ssh exited with {ssh.returncode}"
-        if ssh.returncode == 255 or self.binary is not None:  # 255: ssh's own failure, its message says which
+        # 255: ssh's own failure; _SETUP_FAILED: the script's; their messages say what failed
+        if ssh.returncode in (255, _SETUP_FAILED) or self.binary is not None:
             return f"{ssh.host.name}: {message}"
         return (f"{ssh.host.name}: {shlex.join(self._installed_program())} does not start there ({message}); "
                 "python -m launcher needs the same installation on every host (the single binary copies itself)")

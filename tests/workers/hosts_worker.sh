@@ -3,8 +3,9 @@
 # DIR is shared; the host a worker runs on is sshd's address in SSH_CONNECTION, which it inherits.
 #
 #   hosts_worker.sh DIR record ARGS...     write DIR/<RANK>.argv (ARGS, each ended by a NUL), DIR/<RANK>.environ
-#                                          (its environment as the kernel holds it: NUL-separated) and
-#                                          DIR/<RANK>.cwd, then print a line on stdout and one on stderr
+#                                          (its environment as the kernel holds it: NUL-separated), DIR/<RANK>.cwd
+#                                          and DIR/<RANK>.stdin (what its stdin is), then print a line on stdout
+#                                          and one on stderr
 #   hosts_worker.sh DIR wait               start a `sleep` child in its process group, write "PID SLEEP_PID"
 #                                          to DIR/<RANK>.ready; at SIGTERM append SIGTERM to DIR/<RANK>.signals
 #                                          and exit 0
@@ -21,6 +22,7 @@ record)
     printf '%s\0' "$@" > "$dir/$RANK.argv"
     cat "/proc/$$/environ" > "$dir/$RANK.environ"
     printf '%s' "$PWD" > "$dir/$RANK.cwd"
+    readlink "/proc/$$/fd/0" > "$dir/$RANK.stdin"
     echo "rank $RANK says hello"
     echo "rank $RANK complains" >&2
     ;;
