@@ -182,3 +182,26 @@ def test_a_working_directory_missing_on_a_host_fails_with_one_line(sshd, tmp_pat
     assert result.stderr.splitlines()[-1] == (
         f"launcher: error: {HIDING_HOST}: no directory {workdir} there (every host runs in this working directory)"
     )
+
+
+def test_python_m_launcher_missing_on_a_host_says_so_in_one_line(sshd, tmp_path):
+    # This interpreter, by a path that the hiding host lacks.
+    directory = os.path.join(sshd.hidden_dir, tmp_path.name)
+    os.mkdir(directory)
+    python = os.path.join(directory, "python")
+    os.symlink(sys.executable, python)
+    try:
+        result = subprocess.run([python, "-m", "launcher", f"--ssh={sshd.ssh}", f"--hosts={FIRST},{HIDING_HOST}",
+                                 "--no-python", WORKER, tmp_path, "record"], env=clean_env(), cwd=REPO,
+                                capture_output=True, text=True, timeout=180)
+    finally:
+        os.remove(python)
+        os.rmdir(directory)
+    assert result.returncode == 1
+    # The parenthesis holds the remote shell's own words, "launcher: 1: exec: PATH: not found" for dash.
+    assert re.fullmatch(
+        re.escape(f"launcher: error: {HIDING_HOST}: {python} -m launcher does not start there (") + ".*"
+        + re.escape(f"{python}: not found); python -m launcher needs the same installation on every host (the "
+                    "single binary copies itself)"),
+        result.stderr.splitlines()[-1],
+    )

@@ -3,8 +3,9 @@
 # DIR is shared; the host a worker runs on is sshd's address in SSH_CONNECTION, which it inherits.
 #
 #   hosts_worker.sh DIR record ARGS...     write DIR/<RANK>.argv (ARGS, each ended by a NUL), DIR/<RANK>.environ
-#                                          (its environment as the kernel holds it: NUL-separated), DIR/<RANK>.cwd
-#                                          and DIR/<RANK>.stdin (what its stdin is), then print a line on stdout
+#                                          (its environment as the kernel holds it: NUL-separated), DIR/<RANK>.cwd,
+#                                          DIR/<RANK>.stdin (what its stdin is) and DIR/<RANK>.launcher (the
+#                                          program of its parent, the launcher), then print a line on stdout
 #                                          and one on stderr
 #   hosts_worker.sh DIR wait               start a `sleep` child in its process group, write "PID SLEEP_PID"
 #                                          to DIR/<RANK>.ready; at SIGTERM append SIGTERM to DIR/<RANK>.signals
@@ -23,6 +24,7 @@ record)
     cat "/proc/$$/environ" > "$dir/$RANK.environ"
     printf '%s' "$PWD" > "$dir/$RANK.cwd"
     readlink "/proc/$$/fd/0" > "$dir/$RANK.stdin"
+    readlink "/proc/$PPID/exe" > "$dir/$RANK.launcher"
     echo "rank $RANK says hello"
     echo "rank $RANK complains" >&2
     ;;
