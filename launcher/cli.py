@@ -5,6 +5,7 @@
     launcher [options] --no-python program [args]   # program args
     launcher [options] --run-path script.py [args]  # runpy.run_path in <python>
     launcher --legacy-launch [options] script.py    # torch.distributed.launch (launcher.launch)
+    launcher --hosts=a:8,b:8 [options] script.py    # one launcher per host over ssh (launcher.hosts)
 
 Every option also reads its default from ``PET_<NAME>`` (``PET_NPROC_PER_NODE``,
 ``PET_NO_PYTHON=1``), as torchrun's do. Only argparse, the standard library

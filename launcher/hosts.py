@@ -344,9 +344,13 @@ class _Ssh:
             self.process.stdin.close()
 
     def stop(self) -> None:
-        """End this ssh (a probe or a copy); the remote side ends with the connection."""
-        if self.process.poll() is None:
-            self.process.terminate()
+        """End this ssh (a probe or a copy) and what it started (a ProxyCommand); the remote side ends with the
+        connection. ssh leads its own process group, whose id stays taken until the loop reaps ssh."""
+        if self.returncode is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:  # every process of the group has exited
+                pass
 
     def output(self) -> list[str]:
         return [line.decode(errors="replace").strip() for line in self.kept[1]]
@@ -531,9 +535,10 @@ class HostsLaunch:
         return [sys.executable, "-m", "launcher"]
 
     def _found(self, host: Host, output: list[str]) -> _Launcher:
-        """The launcher a probe found: the binary's path there (its first line) and the free port (its last)."""
+        """The launcher a probe found: the binary's path there and the free port, its last two lines (a login
+        script may print before)."""
         try:
-            return _Launcher([output[0]] if self.binary else self._installed_program(), int(output[-1]))
+            return _Launcher([output[-2]] if self.binary else self._installed_program(), int(output[-1]))
         except (IndexError, ValueError):
             raise HostsError(f"{host.name}: the launcher there answered {output!r}, not a free port") from None
 
@@ -560,7 +565,7 @@ class HostsLaunch:
                 "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={endpoint}",
                 f"--rdzv-id={self.run_id}",
-                f"--rdzv-conf={','.join(filter(None, [self.rdzv_conf, f'is_host={index == 0}']))}",
+                f"--rdzv-conf={','.join(filter(None, [self.rdzv_conf, f'is_host={str(index == 0).lower()}']))}",
                 *self.passed_options,
                 *self.program_args,
             ])
