@@ -51,7 +51,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Callable
 
 from launcher.config import parse_signals
 from launcher.errors import SignalException, signal_name
@@ -157,7 +157,8 @@ def _slots(text: str, where: str) -> int:
     return int(text)
 
 
-def _distinct(hosts: list[Host], where) -> list[Host]:
+def _distinct(hosts: list[Host], where: Callable[[int], str]) -> list[Host]:
+    """``hosts``, unless one is listed twice: ValueError saying ``where(index)`` the second is."""
     seen = set()
     for index, host in enumerate(hosts):
         if host.name in seen:
@@ -285,14 +286,14 @@ class _Ssh:
     """One ssh process running a command on a host; its output split into whole lines.
 
     Shown output goes to this process's stdout and stderr, each line whole and
-    prefixed; otherwise it is kept. The last stderr line is kept either way,
-    for ssh's message when it fails.
+    prefixed; otherwise stdout is kept (a probe's answer). The last stderr
+    line is kept either way: ssh's message, or the host's, when it fails.
     """
 
     def __init__(self, host: Host, ssh: list[str], command: str, *, stdin=subprocess.PIPE, prefix: bytes | None = None):
         self.host = host
         self.prefix = prefix  # None: keep the output instead of showing it
-        self.kept: dict[int, list[bytes]] = {1: [], 2: []}
+        self.kept: list[bytes] = []
         self.last_error = ""
         self.returncode: int | None = None
         launcher_pid = os.getpid()
@@ -319,17 +320,13 @@ class _Ssh:
         else:
             lines = [self.partial[stream]] if self.partial[stream] else []
             self.partial[stream] = b""
-        for line in lines:
-            self._take(stream, line)
+        if stream == 2 and any(line.strip() for line in lines):
+            self.last_error = next(line for line in reversed(lines) if line.strip()).decode(errors="replace").strip()
+        if self.prefix is not None:
+            _write(stream, b"".join(self.prefix + line + b"\n" for line in lines))
+        elif stream == 1:
+            self.kept += lines
         return bool(data)
-
-    def _take(self, stream: int, line: bytes) -> None:
-        if stream == 2 and line.strip():
-            self.last_error = line.decode(errors="replace").strip()
-        if self.prefix is None:
-            self.kept[stream].append(line)
-        else:
-            _write(stream, self.prefix + line + b"\n")
 
     def send(self, signum: int) -> None:
         """Forward a signal to the remote launcher (--signals-from-stdin)."""
@@ -353,7 +350,8 @@ class _Ssh:
                 pass
 
     def output(self) -> list[str]:
-        return [line.decode(errors="replace").strip() for line in self.kept[1]]
+        """The kept stdout lines."""
+        return [line.decode(errors="replace").strip() for line in self.kept]
 
 
 def _in_ssh_child(launcher_pid: int) -> None:
