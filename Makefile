@@ -1,5 +1,5 @@
 # Every target sets up what it needs, so each works on a fresh Debian machine
-# with Python 3.11 (as root: setup installs etcd-server, Slurm and munge when they are missing).
+# with Python 3.11 (as root: setup installs etcd-server, Slurm, munge and openssh-server when they are missing).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -21,6 +21,7 @@ $(SETUP_STAMP): requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements-dev.txt torch==2.13.0
 	command -v etcd >/dev/null || ./.ci/install-etcd
 	./.ci/install-slurm
+	test -x /usr/sbin/sshd || ./.ci/install-openssh-server
 	touch $@
 
 # Editable install: the compiled modules land in launcher/_native/. The checkout's path stays out of their

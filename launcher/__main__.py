@@ -17,7 +17,7 @@ def main_entry() -> NoReturn:
     if sys.argv[1:2] == [LEGACY_LAUNCH]:
         del sys.argv[1]  # the rest is the legacy launcher's command line
         launch.main_entry(prog=f"launcher {LEGACY_LAUNCH}")
-    console_main("launcher", cli.parse_args, cli.prepare_launch)
+    console_main("launcher", cli.parse_args, cli.prepare_run)
 
 
 if __name__ == "__main__":

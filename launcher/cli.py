@@ -5,6 +5,7 @@
     launcher [options] --no-python program [args]   # program args
     launcher [options] --run-path script.py [args]  # runpy.run_path in <python>
     launcher --legacy-launch [options] script.py    # torch.distributed.launch (launcher.launch)
+    launcher --hosts=a:8,b:8 [options] script.py    # one launcher per host over ssh (launcher.hosts)
 
 Every option also reads its default from ``PET_<NAME>`` (``PET_NPROC_PER_NODE``,
 ``PET_NO_PYTHON=1``), as torchrun's do. Only argparse, the standard library
@@ -19,18 +20,28 @@ those into one line and exit 2.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import shutil
 import sys
 import uuid
-from argparse import REMAINDER, Action, ArgumentParser, ArgumentTypeError, Namespace, RawDescriptionHelpFormatter
-from typing import Callable, NoReturn
+from argparse import (
+    REMAINDER,
+    SUPPRESS,
+    Action,
+    ArgumentParser,
+    ArgumentTypeError,
+    Namespace,
+    RawDescriptionHelpFormatter,
+)
+from typing import Callable, Collection, NoReturn
 
 import launcher
 from launcher.config import LaunchConfig, parse_signals
 from launcher.devices import NPROC_EXPECTED, NUMA_MODES, determine_local_world_size, nproc_per_node_ok, numa_bindings
+from launcher.hosts import NOT_PASSED, HostsLaunch, parse_export, parse_hosts, read_hostfile, take_signals_from_stdin
 from launcher.logs import LogsSpecs, Std
 from launcher.rendezvous.options import (
     BACKENDS,
@@ -184,20 +195,32 @@ def _endpoint_ok(endpoint: str) -> bool:
     return not endpoint or bool(parse_rdzv_endpoint("etcd", endpoint))
 
 
-def _rdzv_conf(value: str) -> str:
-    try:
-        parse_rdzv_conf(value)
-    except ValueError as error:
-        raise ArgumentTypeError(str(error)) from None
-    return value
+def _accepted_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that keeps the string once ``parse`` accepts it; its ValueError says what is wrong."""
+
+    def check(value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as error:
+            raise ArgumentTypeError(str(error)) from None
+        return value
+
+    return check
 
 
-def _std(value: str) -> str:
-    try:
-        Std.from_str(value)
-    except ValueError as error:
-        raise ArgumentTypeError(str(error)) from None
-    return value
+class FreePortAction(Action):
+    """``--free-port``: print a TCP port free on this machine and exit, as ``--version`` does."""
+
+    def __init__(self, option_strings, dest=SUPPRESS, default=SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import socket  # only this option needs it
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            print(sock.getsockname()[1])
+        parser.exit()
 
 
 def _local_ranks(value: str) -> str:
@@ -247,6 +270,9 @@ Each option also takes its default from PET_<OPTION> (PET_NNODES, PET_NO_PYTHON=
 running the launcher (the frozen binary: python3, then python, on PATH).
 Under srun, --nnodes, the rendezvous and --rdzv-id default from Slurm.
 
+With --hosts (or --hostfile), the launcher starts one launcher per host over
+ssh, in this working directory, with a c10d rendezvous on the first host.
+
 launcher --legacy-launch [options] ... (as the first argument) is the legacy
 torch.distributed.launch front-end instead: the same options plus --use-env,
 as python -m launcher.launch.
@@ -262,8 +288,9 @@ environment:
 """
 
 
-def get_args_parser(prog: str = "launcher") -> ArgumentParser:
-    """torchrun's options (dash and underscore spellings, torchrun's defaults), ``--python`` and ``--version``."""
+def get_args_parser(prog: str = "launcher", multi_host: bool = True) -> ArgumentParser:
+    """torchrun's options (dash and underscore spellings, torchrun's defaults), ``--python`` and ``--version``;
+    with ``multi_host``, the options of a launch over several hosts (``--hosts`` ...)."""
     parser = LauncherArgumentParser(
         prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=RawDescriptionHelpFormatter
     )
@@ -289,7 +316,7 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
     add("--rdzv-id", "--rdzv_id", action=EnvDefault, default="none",
         type=_check("a non-empty id without '/'", lambda value: bool(value) and "/" not in value),
         help="User-defined group id.")
-    add("--rdzv-conf", "--rdzv_conf", action=EnvDefault, type=_rdzv_conf, default="",
+    add("--rdzv-conf", "--rdzv_conf", action=EnvDefault, type=_accepted_by(parse_rdzv_conf), default="",
         help="Additional rendezvous configuration (<key1>=<value1>,<key2>=<value2>,...).")
     add("--standalone", action=EnvFlag,
         help="Start a local standalone rendezvous backend that is represented by a C10d TCP store on a free "
@@ -323,11 +350,11 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
     add("--log-dir", "--log_dir", action=EnvDefault, type=_log_dir, default=None,
         help="Base directory to use for log files (e.g. /var/log/torch/elastic). The same directory is reused "
         "for multiple runs (a unique job-level sub-directory is created with rdzv_id as the prefix).")
-    add("-r", "--redirects", action=EnvDefault, type=_std, default="0",
+    add("-r", "--redirects", action=EnvDefault, type=_accepted_by(Std.from_str), default="0",
         help="Redirect std streams into a log file in the log directory (e.g. [-r 3] redirects both "
         "stdout+stderr for all workers, [-r 0:1,1:2] redirects stdout for local rank 0 and stderr for local "
         "rank 1).")
-    add("-t", "--tee", action=EnvDefault, type=_std, default="0",
+    add("-t", "--tee", action=EnvDefault, type=_accepted_by(Std.from_str), default="0",
         help="Tee std streams into a log file and also to console (see --redirects for format).")
     add("--local-ranks-filter", "--local_ranks_filter", action=EnvDefault, type=_local_ranks, default="",
         help="Only show logs from specified ranks in console (e.g. [--local_ranks_filter=0,1,2] will only show "
@@ -372,11 +399,35 @@ def get_args_parser(prog: str = "launcher") -> ArgumentParser:
         help="Enable virtual local rank mode for workers: LOCAL_RANK is 0 for all workers and "
         "CUDA_VISIBLE_DEVICES is narrowed so each worker sees its assigned GPU at device index 0.")
 
+    if multi_host:
+        _add_multi_host_options(parser)
     add("training_script", type=str,
         help="Full path to the (single GPU) training program/script to be launched in parallel, followed by "
         "all the arguments for the training script.")
     add("training_script_args", nargs=REMAINDER)
     return parser
+
+
+def _add_multi_host_options(parser: ArgumentParser) -> None:
+    group = parser.add_argument_group("several hosts over ssh (one launcher per host, started from here)")
+    add = group.add_argument
+    add("--hosts", action=EnvDefault, type=_accepted_by(parse_hosts), default=None, metavar="HOST[:SLOTS],...",
+        help="Run on these hosts: one launcher each over ssh, in this working directory, --nnodes the number of "
+        "hosts, a c10d rendezvous on the first host (a free port there, a fresh --rdzv-id unless given), SLOTS "
+        "workers per host (else --nproc-per-node). The single binary copies itself to a host that lacks it.")
+    add("--hostfile", action=EnvDefault, type=_accepted_by(read_hostfile), default=None, metavar="PATH",
+        help="As --hosts, from a file of lines 'HOST slots=N' (DeepSpeed's and Open MPI's hostfile; # comments).")
+    add("--ssh", action=EnvDefault, default="ssh", metavar="CMD",
+        help="The ssh command line for --hosts, split as a shell would (e.g. \"ssh -F ~/.ssh/cluster -p 2222\"); "
+        "its hosts must accept it without a password prompt.")
+    add("--export", action=EnvDefault, type=_accepted_by(parse_export), default="", metavar="NAME,PREFIX*,...",
+        help="With --hosts, also pass these variables to every host, besides PATH, LD_LIBRARY_PATH, NCCL_*, "
+        "PYTHON*, TORCH*, OMP_NUM_THREADS, PET_* and TORCHELASTIC_* (those set here).")
+    add("--signals-from-stdin", "--signals_from_stdin", action=EnvFlag,
+        help="Take each line of the standard input as a signal name (SIGTERM, SIGINT, ...) sent to this launcher, and "
+        "its end as SIGHUP; the workers get /dev/null. --hosts starts the launcher on each host so.")
+    add("--free-port", action=FreePortAction,
+        help="Print a TCP port free on this machine and exit (--hosts asks the first host for one).")
 
 
 def parse_args(args: list[str] | None = None) -> Namespace:
@@ -579,8 +630,36 @@ def launch(config, entrypoint: str, args: list[str]) -> None:
     elastic_launch(config, entrypoint)(*args)
 
 
+def given_options(args: Namespace, leave_out: Collection[str] = ()) -> list[str]:
+    """The options given (flags or ``PET_`` variables) but ``leave_out`` (dests), as ``--name=value`` words that
+    parse back to the same values: what --hosts passes on to the launcher on every host."""
+    words = []
+    for action in get_args_parser()._actions:
+        if action.dest not in args.explicit or action.dest in leave_out:
+            continue
+        name = next(option for option in action.option_strings if option.startswith("--"))
+        value = getattr(args, action.dest)
+        if isinstance(action, EnvFlag):
+            words += [name] if value else []
+        elif isinstance(value, list):  # comma_separated_list's: a comma in an item is doubled again
+            words.append(f"{name}={','.join(item.replace(',', ',,') for item in value)}")
+        else:
+            words.append(f"{name}={value}")
+    return words
+
+
+def prepare_run(args: Namespace) -> Callable[[], None]:
+    """The launch the arguments ask for, checked (ValueError) and ready to start: this node's, or with
+    --hosts/--hostfile one launcher per host over ssh (launcher.hosts)."""
+    if args.signals_from_stdin:
+        take_signals_from_stdin()
+    if args.hosts or args.hostfile:
+        return HostsLaunch(args, given_options(args, leave_out=NOT_PASSED)).run
+    return functools.partial(launch, *prepare_launch(args))
+
+
 def run(args: Namespace) -> None:
-    launch(*prepare_launch(args))
+    prepare_run(args)()
 
 
 def main(argv: list[str] | None = None) -> None:

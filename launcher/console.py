@@ -15,8 +15,9 @@ import sys
 from argparse import Namespace
 from typing import Callable, NoReturn
 
-from launcher.cli import UsageError, launch
+from launcher.cli import UsageError
 from launcher.errors import ChildFailedError, SignalException, record_launch_failure
+from launcher.hosts import HostsError
 from launcher.rendezvous import RendezvousError
 
 log = logging.getLogger("launcher")
@@ -51,17 +52,19 @@ def _usage_error(prog: str, error: ValueError) -> NoReturn:
     sys.exit(2)
 
 
-def console_main(prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable) -> NoReturn:
+def console_main(
+    prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable[[Namespace], Callable[[], None]]
+) -> NoReturn:
     """Parse ``sys.argv`` with ``parse``, ``prepare`` the launch, launch, and exit with the launch's status."""
     try:
         setup_logging()
-        config, entrypoint, args = prepare(parse(sys.argv[1:]))
+        launch = prepare(parse(sys.argv[1:]))
     except ValueError as error:
         _usage_error(prog, error)
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
     try:
-        launch(config, entrypoint, args)
+        launch()
     except ValueError as error:  # a value only the launch could check, such as the rendezvous' parameters
         _usage_error(prog, error)
     except Exception as error:
@@ -75,7 +78,7 @@ def _failed(prog: str, error: Exception) -> NoReturn:
     if isinstance(error, ChildFailedError):
         print(error, file=sys.stderr)
         sys.exit(1)
-    if isinstance(error, RendezvousError):  # one line saying what, where and how long: no traceback to add
+    if isinstance(error, (RendezvousError, HostsError)):  # one line saying what and where: no traceback to add
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(1)
     if isinstance(error, SignalException):

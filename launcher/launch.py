@@ -7,6 +7,7 @@ environment, as under torchrun.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from argparse import ArgumentParser, Namespace
 from typing import NoReturn
@@ -20,7 +21,7 @@ PROG = "python -m launcher.launch"
 
 
 def get_args_parser(prog: str = PROG) -> ArgumentParser:
-    parser = cli.get_args_parser(prog=prog)
+    parser = cli.get_args_parser(prog=prog, multi_host=False)
     parser.add_argument(
         "--use-env",
         "--use_env",
@@ -46,8 +47,13 @@ def prepare_launch(args: Namespace):
     return cli.prepare_launch(args)
 
 
+def prepare_run(args: Namespace):
+    """The launch, checked and ready to start (see launcher.cli.prepare_run)."""
+    return functools.partial(cli.launch, *prepare_launch(args))
+
+
 def launch(args: Namespace) -> None:
-    cli.launch(*prepare_launch(args))
+    prepare_run(args)()
 
 
 def main(args: list[str] | None = None) -> None:
@@ -57,7 +63,7 @@ def main(args: list[str] | None = None) -> None:
 
 def main_entry(prog: str = PROG) -> NoReturn:
     """The command line; ``prog`` names it in usage and errors (``launcher --legacy-launch`` for the binary)."""
-    console_main(prog, get_args_parser(prog).parse_args, prepare_launch)
+    console_main(prog, get_args_parser(prog).parse_args, prepare_run)
 
 
 if __name__ == "__main__":

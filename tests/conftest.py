@@ -6,6 +6,7 @@ import pytest
 from etcd import ETCD, NO_ETCD, EtcdServer
 from helpers import BUS_IDS, REPO, UUIDS, together
 from slurm_cluster import MISSING, NO_SLURM, SlurmCluster, unshare_refused
+from sshd import SshServer, unavailable
 
 
 @pytest.fixture
@@ -52,6 +53,20 @@ def etcd_server():
     if ETCD is None:
         pytest.skip(NO_ETCD)
     server = EtcdServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    """A real OpenSSH server on 127.0.0.1-3 (tests/sshd.py) for the --hosts tests; they are skipped, saying
+    why, where it cannot run."""
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = SshServer().start()
     try:
         yield server
     finally:

@@ -44,12 +44,14 @@ def run_launcher(*args, env=None, timeout=180):
     )
 
 
-def start_launcher(*args, env=None, text=True, program=LAUNCHER):
-    """Start ``python -m launcher ARGS`` (or ``program``: TORCHRUN) with its stdout and stderr on pipes; the Popen."""
+def start_launcher(*args, env=None, text=True, program=LAUNCHER, **popen):
+    """Start ``python -m launcher ARGS`` (or ``program``: TORCHRUN) with its stdout and stderr on pipes; the Popen.
+
+    ``popen``: more of Popen's arguments (``stdin``, ``cwd``)."""
     return subprocess.Popen(
         program + [str(a) for a in args],
         env=clean_env() if env is None else env,
-        cwd=REPO,
+        **{"cwd": REPO, **popen},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=text,

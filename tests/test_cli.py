@@ -119,7 +119,8 @@ def test_every_torchrun_option_string_is_accepted(torchrun_parser_factory):
     ours = set(cli.get_args_parser()._option_string_actions)
     theirs = set(torchrun_parser_factory()._option_string_actions)
     assert theirs <= ours
-    assert ours - theirs == {"--python", "--version"}
+    assert ours - theirs == {"--python", "--version", "--hosts", "--hostfile", "--ssh", "--export",
+                             "--signals-from-stdin", "--signals_from_stdin", "--free-port"}
 
 
 def test_defaults_match_torchrun(torchrun_parser_factory):
