@@ -96,9 +96,6 @@ class StackDumps:
         env["PYTHONPATH"] = self.directory + (os.pathsep + path if path else "")
         env[DUMP_DIRECTORY_ENV] = self.directory
 
-    def capture(self, pids: list[int]) -> dict[int, str]:
-        return capture_stacks(pids, self.directory)
-
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -127,7 +127,7 @@ def armed_python(tmp_path):
 
 def test_capture_of_an_armed_python_gives_its_threads(armed_python):
     process, dumps = armed_python()
-    stack = dumps.capture([process.pid])[process.pid]
+    stack = capture_stacks([process.pid], dumps.directory)[process.pid]
     assert 'File "<string>", line 3 in wait_here' in stack
     assert "state: S (sleeping), wchan: " in stack
     assert process.poll() is None  # asking for a stack does not end it

@@ -59,7 +59,7 @@ def main():
     mode, directory = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a stuck start fails, with its error
     configure(FileTimerClient(TIMER_FILE))
     with open(os.path.join(directory, f"{rank}.ready"), "w"):
         pass
