@@ -129,7 +129,7 @@ def test_capture_of_an_armed_python_gives_its_threads(armed_python):
     process, dumps = armed_python()
     stack = capture_stacks([process.pid], dumps.directory)[process.pid]
     assert 'File "<string>", line 3 in wait_here' in stack
-    assert "state: S (sleeping), wchan: " in stack
+    assert "\nstate: " in stack and ", wchan: " in stack  # S, or R if it was still returning from the handler
     assert process.poll() is None  # asking for a stack does not end it
 
 
@@ -139,7 +139,7 @@ def test_capture_is_bounded_and_says_why_a_stack_is_missing(armed_python):
     gone = 2 ** 22 + 1  # above pid_max's default: no such process
     started = time.monotonic()
     stacks = capture_stacks([process.pid, gone], dumps.directory, budget=0.3)
-    assert time.monotonic() - started < 0.3 + 1.0  # generous: the machine may be loaded
+    assert time.monotonic() - started < 0.3 + 2.0  # generous: the machine may be loaded
     assert stacks[process.pid].startswith("no complete Python stack within 0.3 s")
     assert "state: T (stopped)" in stacks[process.pid]
     assert stacks[gone] == "no Python stack: the worker had ended\nstate: ended"
