@@ -5,11 +5,14 @@ One loop per launcher process (one per node)::
     rendezvous -> ranks -> start the worker group -> wait for an event:
         every worker exited 0          -> exit barrier with the other nodes, done
         a worker failed                -> stop the group; restart while restarts remain, else report
+        a worker hung (launcher.hangs) -> its stack, its end, then as a failed worker (no restart after
+                                          a worker stuck in the kernel, as torchrun)
         a node waits to join           -> stop the group, restart with it
         a handled signal               -> forward it, give the workers the shutdown timeout, exit 128+signum
 
 The agent never polls: it sleeps in the supervisor's event loop, which wakes
-on a worker exit, a signal, or the rendezvous' "node waiting" descriptor.
+on a worker exit, a signal, the rendezvous' "node waiting" descriptor, a
+timer request, or when the hang watch has something due.
 
 Its events (launcher.events) come in torch's ``SimpleElasticAgent`` order:
 per round RENDEZVOUS, ASSIGN_WORKER_RANKS and START per worker; RESTARTING or
@@ -37,6 +40,7 @@ from launcher import LOCAL_RANK_MACRO
 from launcher.config import LaunchConfig
 from launcher.errors import ERROR_FILE_ENV, Failure, SignalException, failure_error_data, torchrun_exitcode
 from launcher.events import AgentEvent, EventLog, WorkerStatus
+from launcher.hangs import Ending, HangWatch
 from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousHandler, RendezvousInfo
 from launcher.store import StoreInterrupted
@@ -52,6 +56,7 @@ class Outcome(Enum):
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    FAILED_FOR_GOOD = "failed_for_good"  # a worker stuck in the kernel (D state): no restart, as torchrun
     MEMBERSHIP_CHANGED = "membership_changed"  # a node waits to join: restart with it
 
 
@@ -127,11 +132,14 @@ class Agent:
         )
 
     def run(self) -> RunResult:
+        self.hangs = HangWatch(self.config.role)
         try:
             result = self._run()
         except Exception as error:  # a signal, a rendezvous or store failure, anything of the agent's own
             self._event(AgentEvent.FAILED, raw_error="".join(traceback.format_exception(error)))
             raise
+        finally:
+            self.hangs.close()
         if result.failed:  # the root cause's record, as the launcher's error file holds it
             self._event(AgentEvent.FAILED, raw_error=json.dumps(failure_error_data(result.failures[0])))
         else:
@@ -156,6 +164,7 @@ class Agent:
                 duplicate_stdout_filters=self.config.duplicate_stdout_filters or (),
                 duplicate_stderr_filters=self.config.duplicate_stderr_filters or (),
                 term_on_failure=True,  # every failure ends the group: start at once
+                stack_dumps=self.hangs.stack_dumps,
             )
             group.start()
             for local_rank, pid in group.pids().items():
@@ -168,9 +177,12 @@ class Agent:
                 self._exit_barrier(info)
                 self._final_worker_events(group, ranks, [])
                 return result
-            if outcome is Outcome.FAILED:
+            if outcome in (Outcome.FAILED, Outcome.FAILED_FOR_GOOD):
                 failures = [self._failure(exit, attempt_logs) for exit in failed]
-                if self.remaining_restarts == 0:
+                if outcome is Outcome.FAILED_FOR_GOOD and self.remaining_restarts:
+                    log.error("[%s] not restarting: a worker stuck in the kernel may still hold its devices "
+                              "(as torchrun)", self.config.role)
+                if self.remaining_restarts == 0 or outcome is Outcome.FAILED_FOR_GOOD:
                     self._final_worker_events(group, ranks, failures)
                     return RunResult(failures=failures, attempt_dir=attempt_logs.directory)
                 log.warning(
@@ -213,16 +225,19 @@ class Agent:
         return signal.Signals(signum if signum is not None else signal.SIGTERM)
 
     def _monitor(self, group: WorkerGroup) -> tuple[Outcome, list[WorkerExit]]:
-        """Wait for the group to succeed, fail, or be overtaken by a node waiting to join."""
+        """Wait for the group to succeed, fail, hang, or be overtaken by a node waiting to join.
+
+        The failed workers reported are those that failed by themselves and those the launcher ended
+        (a hang, or past the shutdown timeout), with their stacks."""
         # readable when a node waits to join: a newcomer below MAX, or a member that restarted
-        watch = [self.handler.waiting_fd()]
+        waiting_fd = self.handler.waiting_fd()
+        watch = [waiting_fd, *self.hangs.watch_fds()]
         while True:
-            event = group.wait(watch_fds=watch)
+            event = group.wait(timeout=self.hangs.timeout(), watch_fds=watch)
             if event.kind is EventKind.EXITED:
                 failed = [exit for exit in event.exits if exit.failed]
                 if failed:
-                    group.stop()
-                    return Outcome.FAILED, failed
+                    return Outcome.FAILED, self._stop_failed(group, failed)
                 if len(group.exits) == self.config.nproc_per_node:
                     return Outcome.SUCCEEDED, []
             elif event.kind is EventKind.SIGNAL:
@@ -230,9 +245,19 @@ class Agent:
                 log.warning("received %s: forwarding it to the workers", sig.name)
                 group.stop(first_signal=sig)
                 raise SignalException(f"Process {os.getpid()} got signal: {sig.value}", sig)
-            elif event.kind is EventKind.FD and self.handler.num_nodes_waiting() > 0:
+            elif event.kind is EventKind.FD and event.fd == waiting_fd and self.handler.num_nodes_waiting() > 0:
                 group.stop()
                 return Outcome.MEMBERSHIP_CHANGED, []
+            ending = self.hangs.check(group)
+            if ending is not None:
+                outcome = Outcome.FAILED_FOR_GOOD if ending is Ending.UNINTERRUPTIBLE else Outcome.FAILED
+                return outcome, self._stop_failed(group, [])
+
+    @staticmethod
+    def _stop_failed(group: WorkerGroup, failed: list[WorkerExit]) -> list[WorkerExit]:
+        """Stop the group; ``failed`` and the workers the launcher ended meanwhile, which have a hang."""
+        seen = {exit.local_rank for exit in failed}
+        return failed + [exit for exit in group.stop() if exit.hang is not None and exit.local_rank not in seen]
 
     def _worker_launches(self, info: RendezvousInfo, ranks: Ranks, attempt_logs: AttemptLogs) -> list[WorkerLaunch]:
         bindings = self._numa_bindings()
@@ -241,6 +266,7 @@ class Agent:
             global_rank = ranks.base_rank + local_rank
             worker_logs = attempt_logs.workers[local_rank]
             env = dict(os.environ)
+            self.hangs.arm(env)
             env.update(
                 {
                     "RANK": str(global_rank),
@@ -333,6 +359,9 @@ class Agent:
             ended_at=exit.ended_at,
             error_file=error_file if os.path.exists(error_file) else None,
             stderr_tail=exit.stderr_tail,
+            hang=exit.hang,
+            stack=exit.stack,
+            still_running=exit.still_running,
         )
 
     def _exit_barrier(self, info: RendezvousInfo) -> None:

@@ -55,9 +55,10 @@ __all__ = [
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 _NOT_AVAILABLE = "<N/A>"  # torchrun's marker for a missing error file
 _RULER_MAX_WIDTH = 60  # torchrun's
+_STILL_RUNNING = "<none: still running after SIGKILL, stuck in the kernel>"
 
 
-def torchrun_exitcode(exitcode: int | None, signum: int | None) -> int:
+def torchrun_exitcode(exitcode: int | None, signum: int | None) -> int | None:
     """A process's end as torchrun reports it: its exit code, or minus the signal number for a signal death."""
     return -signum if signum is not None else exitcode
 
@@ -288,15 +289,27 @@ class Failure:
     ended_at: float  # seconds since the epoch
     error_file: str | None  # the worker's TORCHELASTIC_ERROR_FILE
     stderr_tail: list[str] | None  # its last stderr lines (the supervisor keeps 20); None when not captured
+    # A worker the launcher ended because it hung (launcher.hangs, launcher.supervisor): why, and where it was
+    # then (its Python threads, else its kernel state and stack; launcher.stacks).
+    hang: str | None = None
+    stack: str | None = None
+    still_running: bool = False  # it outlived SIGKILL, stuck in the kernel: no exit code or signal yet
 
     def __post_init__(self):
-        if (self.exitcode is None) == (self.signal is None):
+        if self.still_running:
+            if self.exitcode is not None or self.signal is not None:
+                raise ValueError(
+                    f"a worker still running has no exit code or signal, got exitcode={self.exitcode} "
+                    f"signal={self.signal}"
+                )
+        elif (self.exitcode is None) == (self.signal is None):
             raise ValueError(
                 f"a failure has an exit code or a signal, got exitcode={self.exitcode} signal={self.signal}"
             )
 
     @property
-    def torchrun_exitcode(self) -> int:
+    def torchrun_exitcode(self) -> int | None:
+        """The exit code as torchrun reports it; None while it runs (stuck past SIGKILL)."""
         return torchrun_exitcode(self.exitcode, self.signal)
 
     @property
@@ -348,10 +361,13 @@ def _format_failure(index: int, report: _Report) -> str:
         _field("time", _local_time(report.time)),
         _field("host", failure.host),
         _field("rank", f"{failure.rank} (local_rank: {failure.local_rank})"),
-        _field("exitcode", f"{failure.torchrun_exitcode} (pid: {failure.pid})"),
+        _field("exitcode", f"{_STILL_RUNNING if failure.still_running else failure.torchrun_exitcode} "
+                           f"(pid: {failure.pid})"),
     ]
     if failure.signal is not None:
         lines.append(_field("signal", failure.signal_name + (" (core dumped)" if failure.core_dumped else "")))
+    if failure.hang is not None:
+        lines.append(_field("hang", failure.hang))
     lines.append(_field("error_file", failure.error_file if error is not None else _NOT_AVAILABLE))
     if error is not None:
         lines.append(_field("traceback", error.traceback or error.message))
@@ -364,6 +380,8 @@ def _format_failure(index: int, report: _Report) -> str:
         else:
             tail = "\n".join(failure.stderr_tail)
             lines.append(_field("stderr", f"(last {len(failure.stderr_tail)} lines)\n{tail}"))
+    if failure.stack is not None:
+        lines.append(_field("stack", f"(before the launcher ended it)\n{failure.stack}"))
     return "\n".join(lines)
 
 

@@ -12,6 +12,10 @@ Guarantees (see ``_native/supervisor.pyx``, the parts it includes, and ``supervi
   pipes, all in one epoll loop: no timer, no thread.
 * A worker's process group id stays taken until the group ends (its exited
   leader is reaped only then), so a signal to a group never reaches a stranger.
+* A worker the launcher ends though it did not end by itself (the agent found
+  it hung: ``end_hung``; or it outlived ``shutdown_timeout``) has its stack
+  captured first (``launcher.stacks``); its exit says why and where it was,
+  and the same goes to its stderr (log file, or console) once the group ended.
 
 Where output goes (torchrun's rules, from ``launcher.logs``): a stdout that is
 only redirected is the file itself. Everything shown on the console, and
@@ -24,8 +28,11 @@ mid-line on an unprefixed console (a progress bar) has that part shown at once.
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -33,8 +40,11 @@ from typing import Iterable, Sequence
 from launcher._native.supervisor import OutputRoute, SignalWatch, Supervisor
 from launcher.errors import signal_name
 from launcher.logs import AttemptLogs, StreamLogs, WorkerLogs
+from launcher.stacks import StackDumps, capture_stacks
 
 __all__ = ["SignalWatch", "WorkerLaunch", "WorkerExit", "EventKind", "Event", "WorkerGroup"]
+
+log = logging.getLogger("launcher")
 
 
 @dataclass
@@ -60,6 +70,9 @@ class WorkerExit:
     started_at: float  # time.time()
     ended_at: float
     stderr_tail: list[str] = field(default_factory=list)  # its last 20 stderr lines
+    hang: str | None = None  # why the launcher ended it, when it did not end by itself
+    stack: str | None = None  # where it was then (launcher.stacks)
+    still_running: bool = False  # it outlived SIGKILL (stuck in the kernel): the guardian has it
 
     @property
     def failed(self) -> bool:
@@ -67,6 +80,8 @@ class WorkerExit:
 
     @property
     def status(self) -> str:
+        if self.still_running:
+            return "still running after SIGKILL (stuck in the kernel)"
         if self.signal is not None:
             return signal_name(self.signal) + (" (core dumped)" if self.core_dumped else "")
         return f"exitcode {self.exitcode}"
@@ -103,6 +118,8 @@ class WorkerGroup:
     exits. Start it from the main thread, which must outlive the workers.
     With ``term_on_failure`` the loop sends SIGTERM to every worker's group the
     moment one fails, before the agent wakes; ``stop`` then only waits.
+    ``stack_dumps`` arms nothing by itself (the workers' environment must have
+    been armed with it); without it a captured stack is the kernel's view only.
     """
 
     def __init__(
@@ -115,6 +132,7 @@ class WorkerGroup:
         duplicate_stdout_filters: Iterable[str] = (),
         duplicate_stderr_filters: Iterable[str] = (),
         term_on_failure: bool = False,
+        stack_dumps: StackDumps | None = None,
     ):
         if shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be non-negative, got {shutdown_timeout}")
@@ -128,7 +146,9 @@ class WorkerGroup:
         self.stdout_filters = [f.encode() for f in duplicate_stdout_filters if f]
         self.stderr_filters = [f.encode() for f in duplicate_stderr_filters if f]
         self.term_on_failure = term_on_failure
+        self.stack_dumps = stack_dumps
         self.exits: dict[int, WorkerExit] = {}
+        self.hangs: dict[int, tuple[str, str]] = {}  # by local rank: why the launcher ended it, its stack
         self._native: Supervisor | None = None
         self._pending_signals: list[int] = []
 
@@ -185,22 +205,61 @@ class WorkerGroup:
         self._pending_signals += self._end(first_signal)
         return [self.exits[worker.local_rank] for worker in self.workers if worker.local_rank in self.exits]
 
+    def end_hung(self, hung: dict[int, tuple[str, int]]) -> None:
+        """End workers the agent found hung (local rank -> why, and the signal to send): capture their
+        stacks first, all together, then signal each. The group goes on until ``stop``."""
+        pids = self.pids()
+        self._capture({local_rank: why for local_rank, (why, _) in hung.items()})
+        for local_rank, (_, signum) in hung.items():
+            try:
+                os.kill(pids[local_rank], signum)
+            except ProcessLookupError:  # not reaped before the group ends, so only a pid that is already gone
+                pass
+
+    def _capture(self, reasons: dict[int, str]) -> None:
+        pids = self.pids()
+        directory = self.stack_dumps.directory if self.stack_dumps is not None else None
+        stacks = capture_stacks([pids[local_rank] for local_rank in reasons], directory)
+        for local_rank, why in reasons.items():
+            self.hangs[local_rank] = (why, stacks[pids[local_rank]])
+
+    def _before_kill(self, first_signal: int, indices: list[int]) -> None:
+        """The native stop's deadline passed with these workers running: capture their stacks before SIGKILL."""
+        overdue = {}
+        for index in indices:
+            worker = self.workers[index]
+            if worker.local_rank in self.hangs:  # the agent ended it already and has its stack
+                continue
+            overdue[worker.local_rank] = (
+                f"still running {self.shutdown_timeout:g} s after {signal_name(first_signal)} "
+                "(the shutdown timeout): SIGKILL"
+            )
+            log.warning("rank %d (pid %d) is %s; capturing its stack first",
+                        worker.global_rank, self._native.pid(index), overdue[worker.local_rank])
+        if overdue:
+            self._capture(overdue)
+
     def _end(self, first_signal: int) -> list[int]:
         native = self._started()
         if native.finished:
             return []
         try:
-            signals = native.stop(int(first_signal), self.shutdown_timeout)
+            signals = native.stop(int(first_signal), self.shutdown_timeout,
+                                  functools.partial(self._before_kill, first_signal))
         finally:
             native.close()
         for index in range(native.count()):
             self._record_exit(index)
+        for worker in self.workers:
+            if worker.local_rank in self.hangs:
+                _write_to_stderr(worker, *self.hangs[worker.local_rank])
         return signals
 
     def _record_exit(self, index: int) -> WorkerExit:
         worker = self.workers[index]
         seen = self._native.exit_record(index)
         recorded = self.exits.get(worker.local_rank)
+        hang, stack = self.hangs.get(worker.local_rank, (None, None))
         if recorded is None:
             recorded = self.exits[worker.local_rank] = WorkerExit(
                 local_rank=worker.local_rank,
@@ -213,9 +272,13 @@ class WorkerGroup:
                 # None: it did not die even of SIGKILL (stuck in the kernel): the guardian has it
                 ended_at=seen.ended_at if seen.ended_at is not None else time.time(),
                 stderr_tail=seen.stderr_tail,
+                hang=hang,
+                stack=stack,
+                still_running=seen.ended_at is None,
             )
         else:
             recorded.stderr_tail = seen.stderr_tail
+            recorded.hang, recorded.stack = hang, stack
         return recorded
 
     def pids(self) -> dict[int, int]:
@@ -243,6 +306,21 @@ def _route(logs: StreamLogs, filtered_file: str, filters: list[bytes], *, piped:
         filters=filters if filtered else (),
         keep_tail=keep_tail,
     )
+
+
+def _write_to_stderr(worker: WorkerLaunch, hang: str, stack: str) -> None:
+    """Where the worker's stderr went (its log file, the console): why the launcher ended it and where it was."""
+    stderr = worker.logs.stderr
+    text = f"[launcher] rank {worker.global_rank}: {hang}; its stack then:\n{stack}\n"
+    if stderr.file is not None:
+        try:
+            with open(stderr.file, "a") as log_file:
+                log_file.write(text)
+        except OSError as error:  # the report still has it
+            log.warning("cannot add rank %d's stack to %s: %s", worker.global_rank, stderr.file, error.strerror)
+    if stderr.console:
+        sys.stderr.write("".join(f"{stderr.prefix}{line}\n" for line in text.splitlines()))
+        sys.stderr.flush()
 
 
 def _programs(program: str, env: dict[str, str]) -> list[bytes]:

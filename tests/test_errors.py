@@ -383,6 +383,31 @@ def test_failure_needs_exactly_one_of_exitcode_and_signal():
     assert make_failure(0, 1.0, exitcode=None, signal=40).signal_name == "signal 40"
 
 
+def test_a_hung_worker_shows_why_it_was_ended_and_where_it_was():
+    stack = 'Current thread 0x1 (most recent call first):\n  File "train.py", line 7 in all_reduce_forever'
+    hung = make_failure(1, 2.0, exitcode=None, signal=signal.SIGKILL, hang="timer of scope 'step' expired",
+                        stack=stack)
+    summary = format_summary("train.py", [hung])
+    assert "  signal    : SIGKILL\n  hang      : timer of scope 'step' expired\n" in summary
+    assert (
+        "  stack     : (before the launcher ended it)\n"
+        "    Current thread 0x1 (most recent call first):\n"
+        '      File "train.py", line 7 in all_reduce_forever\n---'
+    ) in summary
+    entry = summary_json("train.py", [hung])["root_cause"]
+    assert (entry["hang"], entry["stack"], entry["still_running"]) == ("timer of scope 'step' expired", stack, False)
+
+
+def test_a_worker_still_running_after_sigkill_has_no_exit_yet():
+    stuck = make_failure(0, 1.0, exitcode=None, signal=None, still_running=True, hang="uninterruptible sleep")
+    assert stuck.torchrun_exitcode is None
+    summary = format_summary("train.py", [stuck])
+    assert f"  exitcode  : <none: still running after SIGKILL, stuck in the kernel> (pid: {stuck.pid})\n" in summary
+    assert "  signal    :" not in summary
+    with pytest.raises(ValueError):
+        make_failure(0, 1.0, exitcode=None, signal=signal.SIGKILL, still_running=True)
+
+
 def test_launcher_errors_does_not_import_torch():
     code = "import sys, launcher.errors; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)

@@ -494,10 +494,13 @@ cdef class Supervisor:
             if not (<_Worker>w).reaped and killpg((<_Worker>w).pid, sig) < 0 and errno not in (ESRCH, EPERM):
                 raise os_error(errno, "killpg")
 
-    def stop(self, int first_signal, double timeout):
+    def stop(self, int first_signal, double timeout, before_kill=None):
         """End the group: ``first_signal`` to every group, up to ``timeout`` s for the workers
         to exit (a SIGINT arriving cuts it short), SIGKILL, wait for every process of the
-        groups to be gone, reap, drain the output. Returns the signals read meanwhile."""
+        groups to be gone, reap, drain the output. Returns the signals read meanwhile.
+
+        ``before_kill(indices)`` is called with the workers still running at the deadline
+        (not when a SIGINT cut it short), before their SIGKILL."""
         if self.finished:
             return []
         cdef double deadline
@@ -509,7 +512,12 @@ cdef class Supervisor:
         self.sigint_cuts_short = True
         self._pump(deadline, UNTIL_EXITED)
         self.sigint_cuts_short = False
-        self.signal_groups(SIGKILL)
+        running = [i for i, w in enumerate(self.workers) if not (<_Worker>w).exited]
+        try:
+            if before_kill is not None and running and SIGINT not in self.signals:
+                before_kill(running)
+        finally:
+            self.signal_groups(SIGKILL)
         # SIGKILL takes effect unless a process is stuck in the kernel; give that the same time again.
         deadline = now(CLOCK_MONOTONIC) + max(timeout, 1.0)
         self._pump(deadline, UNTIL_EXITED)

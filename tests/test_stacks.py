@@ -1,0 +1,152 @@
+"""Where a hung rank was: the stack the launcher captures before it kills a worker that did not end by itself.
+
+Here the worker ignores SIGTERM and is SIGKILLed after --shutdown-timeout
+(the timer and the D-state limit, which end workers through the same
+capture, have their own test files). Python workers are armed through the
+launcher's sitecustomize; a non-Python worker, or a Python that ignores the
+environment, is reported from /proc.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import REPO, WORKERS, clean_env, run_launcher, wait_for
+
+from launcher.stacks import StackDumps, capture_stacks
+
+IGNORE_TERM = os.path.join(WORKERS, "hang_ignore_term.py")
+IGNORE_TERM_SH = os.path.join(WORKERS, "hang_ignore_term.sh")
+ENV_DUMP = os.path.join(WORKERS, "env_dump.py")
+BINARY = os.path.join(REPO, "dist", "launcher")
+
+
+def summary_of(stderr):
+    return stderr[stderr.index("FAILED"):]
+
+
+def other_failure(summary):
+    return summary[summary.index("Other Failures:"):]
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_with_its_stack_in_every_report(tmp_path):
+    logs = tmp_path / "logs"
+    result = run_launcher("--nproc-per-node=2", "--shutdown-timeout=1", f"--log-dir={logs}", "--tee=2",
+                          IGNORE_TERM, tmp_path)
+    assert result.returncode == 1, result.stderr
+    summary = summary_of(result.stderr)
+    assert "exitcode  : 3" in summary[: summary.index("Other Failures:")]  # the root cause comes first
+    other = other_failure(summary)
+    assert "rank      : 1 (local_rank: 1)" in other
+    assert "signal    : SIGKILL" in other
+    assert "hang      : still running 1 s after SIGTERM (the shutdown timeout): SIGKILL" in other
+    assert f'File "{IGNORE_TERM}", line 13 in ignore_sigterm_and_wait' in other
+    attempt = next(logs.glob("*/attempt_0"))
+    entry = json.loads((attempt / "failure.json").read_text())["other_failures"][0]
+    assert entry["rank"] == 1 and entry["hang"].startswith("still running 1 s after SIGTERM")
+    assert "in ignore_sigterm_and_wait" in entry["stack"]
+    stderr_log = (attempt / "1" / "stderr.log").read_text()
+    assert stderr_log.startswith("[launcher] rank 1: still running 1 s after SIGTERM")
+    assert "in ignore_sigterm_and_wait" in stderr_log
+    assert "[default1]:[launcher] rank 1: still running" in result.stderr  # teed: the console got it, prefixed
+
+
+@pytest.mark.parametrize("program", ["bash", "python -I"])
+def test_a_worker_without_a_python_stack_is_reported_from_proc(tmp_path, program):
+    argv = [IGNORE_TERM_SH] if program == "bash" else [sys.executable, "-I", IGNORE_TERM]
+    result = run_launcher("--nproc-per-node=2", "--shutdown-timeout=1", "--no-python", *argv, tmp_path)
+    assert result.returncode == 1, result.stderr
+    other = other_failure(summary_of(result.stderr))
+    assert "no Python stack: the worker did not arm the launcher's stack dump" in other
+    assert "state: S (sleeping), wchan: " in other
+    wchan = other.split("wchan: ", 1)[1].split("\n", 1)[0]
+    assert wchan not in ("", "-")
+    if os.geteuid() == 0:
+        assert "kernel stack:\n" in other and "[<0>]" in other
+    else:
+        assert "kernel stack: <needs root>" in other
+
+
+def test_the_workers_own_sitecustomize_runs_and_their_environment_is_theirs(tmp_path):
+    user_site = tmp_path / "site"
+    user_site.mkdir()
+    (user_site / "sitecustomize.py").write_text(
+        "import os\nopen(os.path.join(os.environ['MARK_DIR'], os.environ['RANK'] + '.site'), 'w').close()\n"
+    )
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "none").mkdir()
+    with_theirs = run_launcher("--nproc-per-node=2", ENV_DUMP, tmp_path / "theirs",
+                               env=clean_env(PYTHONPATH=user_site, MARK_DIR=tmp_path))
+    without = run_launcher("--nproc-per-node=1", ENV_DUMP, tmp_path / "none", env=clean_env())
+    assert with_theirs.returncode == without.returncode == 0, with_theirs.stderr + without.stderr
+    for rank in range(2):
+        assert (tmp_path / f"{rank}.site").exists()
+        seen = json.loads((tmp_path / "theirs" / f"{rank}.json").read_text())["env"]
+        assert seen["PYTHONPATH"] == str(user_site)
+        assert not [name for name in seen if name.startswith("LAUNCHER_")]
+    assert "PYTHONPATH" not in json.loads((tmp_path / "none" / "0.json").read_text())["env"]
+
+
+@pytest.mark.skipif(not os.path.exists(BINARY), reason="dist/launcher is not built: `make binary` builds it")
+def test_the_single_binary_captures_the_stack_too(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)  # the workers' interpreter, the only Python on PATH
+    (tmp_path / "tmp").mkdir()
+    result = subprocess.run([BINARY, "--nproc-per-node=2", "--shutdown-timeout=1", IGNORE_TERM, str(tmp_path)],
+                            env={"PATH": str(bin_dir), "TMPDIR": str(tmp_path / "tmp")},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f'File "{IGNORE_TERM}", line 13 in ignore_sigterm_and_wait' in other_failure(summary_of(result.stderr))
+
+
+@pytest.fixture
+def armed_python(tmp_path):
+    """Start a Python armed as a worker is, waiting in ``wait_here``; returns (process, dumps) once it is armed."""
+    dumps = StackDumps()
+    env = clean_env()
+    dumps.arm(env)
+    started = []
+
+    def start():
+        code = "import time\ndef wait_here():\n    time.sleep(60)\nwait_here()\n"
+        process = subprocess.Popen([sys.executable, "-c", code], env=env)
+        started.append(process)
+        wait_for(lambda: os.path.exists(os.path.join(dumps.directory, f"{process.pid}.stack")), what="arming")
+        return process, dumps
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+    dumps.close()
+
+
+def test_capture_of_an_armed_python_gives_its_threads(armed_python):
+    process, dumps = armed_python()
+    stack = capture_stacks([process.pid], dumps.directory)[process.pid]
+    assert 'File "<string>", line 3 in wait_here' in stack
+    assert "\nstate: " in stack and ", wchan: " in stack  # S, or R if it was still returning from the handler
+    assert process.poll() is None  # asking for a stack does not end it
+
+
+def test_capture_is_bounded_and_says_why_a_stack_is_missing(armed_python):
+    process, dumps = armed_python()
+    os.kill(process.pid, signal.SIGSTOP)  # its handler cannot run
+    gone = 2 ** 22 + 1  # above pid_max's default: no such process
+    started = time.monotonic()
+    stacks = capture_stacks([process.pid, gone], dumps.directory, budget=0.3)
+    assert time.monotonic() - started < 0.3 + 2.0  # generous: the machine may be loaded
+    assert stacks[process.pid].startswith("no complete Python stack within 0.3 s")
+    assert "state: T (stopped)" in stacks[process.pid]
+    assert stacks[gone] == "no Python stack: the worker had ended\nstate: ended"
+
+
+def test_stack_dumps_removes_its_directory():
+    dumps = StackDumps()
+    assert os.listdir(dumps.directory) == ["sitecustomize.py"]
+    dumps.close()
+    assert not os.path.exists(dumps.directory)
