@@ -251,7 +251,11 @@ class Agent:
             ending = self.hangs.check(group)
             if ending is not None:
                 outcome = Outcome.FAILED_FOR_GOOD if ending is Ending.UNINTERRUPTIBLE else Outcome.FAILED
-                return outcome, self._stop_failed(group, [])
+                ended = self._stop_failed(group, [])
+                for exit in ended:
+                    self._worker_event(AgentEvent.HUNG, self.ranks, exit.local_rank, exit.pid,
+                                       raw_error=json.dumps({"hang": exit.hang, "stack": exit.stack}))
+                return outcome, ended
 
     @staticmethod
     def _stop_failed(group: WorkerGroup, failed: list[WorkerExit]) -> list[WorkerExit]:

@@ -44,6 +44,20 @@ def test_an_expired_timer_ends_the_hung_rank_with_its_stack_in_the_report(tmp_pa
     assert not fifo.exists()  # the launcher made it, and removed it
 
 
+def test_the_hung_rank_is_an_event_of_its_own(tmp_path):
+    result = launch_timer_job("expire", tmp_path, "--event-log-handler=console")
+    assert result.returncode == 1, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith('{"name": ')]
+    (hung,) = [event for event in events if event["metadata"]["state"] == "HUNG"]
+    assert (hung["name"], hung["source"], hung["metadata"]["global_rank"]) == (
+        "torchelastic.worker.status.HUNG", "WORKER", 0
+    )
+    raw_error = json.loads(hung["metadata"]["raw_error"])
+    assert raw_error["hang"].startswith("timer of scope 'allreduce' expired ")
+    assert " in hang_in_allreduce" in raw_error["stack"]
+    assert [event["metadata"]["state"] for event in events][-1] == "FAILED"  # the agent, after its workers
+
+
 def test_the_failure_json_and_stderr_log_hold_the_stack(tmp_path):
     result = launch_timer_job("expire", tmp_path, f"--log-dir={tmp_path / 'logs'}", "--redirects=2")
     assert result.returncode == 1, result.stderr
