@@ -9,6 +9,7 @@ One loop per launcher process (one per node)::
                                           a worker stuck in the kernel, as torchrun)
         a node waits to join           -> stop the group, restart with it
         a handled signal               -> forward it, give the workers the shutdown timeout, exit 128+signum
+        SIGUSR1 or SIGUSR2, if handled -> forward it, go on waiting (the workers decide what follows)
 
 The agent never polls: it sleeps in the supervisor's event loop, which wakes
 on a worker exit, a signal, the rendezvous' "node waiting" descriptor, a
@@ -37,8 +38,15 @@ from enum import Enum
 from typing import Any, Callable
 
 from launcher import LOCAL_RANK_MACRO
-from launcher.config import LaunchConfig
-from launcher.errors import ERROR_FILE_ENV, Failure, SignalException, failure_error_data, torchrun_exitcode
+from launcher.config import NOTIFYING_SIGNALS, LaunchConfig
+from launcher.errors import (
+    ERROR_FILE_ENV,
+    Failure,
+    SignalException,
+    failure_error_data,
+    signal_name,
+    torchrun_exitcode,
+)
 from launcher.events import AgentEvent, EventLog, WorkerStatus
 from launcher.hangs import Ending, HangWatch
 from launcher.logs import AttemptLogs
@@ -240,6 +248,9 @@ class Agent:
                     return Outcome.FAILED, self._stop_failed(group, failed)
                 if len(group.exits) == self.config.nproc_per_node:
                     return Outcome.SUCCEEDED, []
+            elif event.kind is EventKind.SIGNAL and event.signum in NOTIFYING_SIGNALS:
+                log.warning("received %s: forwarding it to the workers, which carry on", signal_name(event.signum))
+                group.forward(event.signum)
             elif event.kind is EventKind.SIGNAL:
                 sig = signal.Signals(event.signum)
                 log.warning("received %s: forwarding it to the workers", sig.name)

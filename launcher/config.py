@@ -63,6 +63,12 @@ class LaunchConfig:
             raise ValueError(f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
 
 
+# Handled signals that are forwarded to the workers without ending the job: they notify (Slurm's
+# --signal=USR1@90 before a time limit) and the workers decide what follows. Every other handled
+# signal ends the job, as under torchrun (which ends it on these too).
+NOTIFYING_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGUSR2})
+
+
 def parse_signals(names: str) -> list[signal.Signals]:
     """``"SIGTERM,SIGINT"`` to signals; ValueError naming the ones the launcher cannot handle."""
     handled = []

@@ -53,7 +53,7 @@ import uuid
 from dataclasses import dataclass
 from typing import IO, Callable
 
-from launcher.config import parse_signals
+from launcher.config import NOTIFYING_SIGNALS, parse_signals
 from launcher.errors import SignalException, signal_name
 from launcher.rendezvous.options import backend_config, host_ok, parse_rdzv_conf
 
@@ -573,7 +573,8 @@ class HostsLaunch:
         while loop.running:
             event = loop.wait()
             if isinstance(event, int):
-                ended_by = ended_by or event
+                if event not in NOTIFYING_SIGNALS:  # those the remote launchers forward, and the job goes on
+                    ended_by = ended_by or event
                 for ssh in loop.running:
                     ssh.send(event)
             elif event.returncode != 0 and ended_by is None:

@@ -205,6 +205,12 @@ class WorkerGroup:
         self._pending_signals += self._end(first_signal)
         return [self.exits[worker.local_rank] for worker in self.workers if worker.local_rank in self.exits]
 
+    def forward(self, signum: int) -> None:
+        """``signum`` to every running worker's process group; the group goes on."""
+        native = self._started()
+        if not native.finished:
+            native.signal_groups(int(signum))
+
     def end_hung(self, hung: dict[int, tuple[str, int]]) -> None:
         """End workers the agent found hung (local rank -> why, and the signal to send): capture their
         stacks first, all together, then signal each. The group goes on until ``stop``."""

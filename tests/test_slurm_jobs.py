@@ -179,10 +179,10 @@ def test_scancel_usr1_reaches_every_worker_and_the_workers_carry_on(slurm_cluste
         assert "SIGUSR1" in (tmp_path / f"{rank}.signals").read_text()
     # The workers, which catch it, carried on: every rank took part in the all-reduce after the signal.
     assert {(rec["world_size"], rec["sum"]) for rec in records(tmp_path, "done", 4).values()} == {(4, 40.0)}
-    # Then each launcher ended as torchrun does after a handled signal: 128 + SIGUSR1.
-    assert code == 128 + signal.SIGUSR1, err
+    # And so did each launcher: the job ended well (torchrun would have stopped it with 128 + SIGUSR1).
+    assert code == 0, err
     for task in (0, 1):
-        assert "received SIGUSR1: forwarding it to the workers" in task_log(tmp_path, task)
+        assert "received SIGUSR1: forwarding it to the workers, which carry on" in task_log(tmp_path, task)
 
 
 # -- a node lost mid-job ---------------------------------------------------------------------------------

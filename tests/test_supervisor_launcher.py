@@ -37,7 +37,7 @@ def test_sigkilled_launcher_leaves_no_worker_nor_grandchild(tmp_path):
         proc.communicate(timeout=30)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_handled_signal_is_forwarded_and_the_launcher_exits_128_plus_signum(tmp_path, sig):
     proc = launch("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                   WORKER, tmp_path, "record", sig.name)
@@ -48,6 +48,29 @@ def test_handled_signal_is_forwarded_and_the_launcher_exits_128_plus_signum(tmp_
     for rank in range(2):
         assert (tmp_path / f"{rank}.signals").read_text() == f"{sig.name}\n"
     assert all(dead(pid) for pid in workers)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
+def test_a_notifying_signal_is_forwarded_and_the_workers_decide(tmp_path, sig):
+    """SIGUSR1/SIGUSR2 (Slurm's --signal=USR1@90): forwarded, and the job goes on; here every worker
+    records it and ends well, so the launch succeeds (torchrun would end the job with 128+signum)."""
+    proc = launch("--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2", WORKER, tmp_path, "record", sig.name)
+    ready(tmp_path, proc)
+    proc.send_signal(sig)
+    [(code, _, err)] = finish(proc)
+    assert code == 0, err
+    assert f"received {sig.name}: forwarding it to the workers, which carry on" in err
+    for rank in range(2):
+        assert (tmp_path / f"{rank}.signals").read_text() == f"{sig.name}\n"
+
+
+def test_a_notifying_signal_a_worker_does_not_handle_ends_it_as_a_failure(tmp_path):
+    proc = launch("--signals-to-handle=SIGTERM,SIGUSR1", WORKER, tmp_path, "record", "SIGTERM")
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)  # the workers keep its default action: it ends them
+    [(code, _, err)] = finish(proc)
+    assert code == 1, err
+    assert "signal    : SIGUSR1" in err
 
 
 def test_a_segfault_is_reported_with_its_signal_name(tmp_path):

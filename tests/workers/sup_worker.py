@@ -26,8 +26,11 @@ rank = os.environ.get("RANK", "0")
 
 
 def ready():
-    with open(os.path.join(directory, f"{rank}.ready"), "w") as f:
+    """Whole or absent: written aside, then renamed, so a reader never sees it empty."""
+    path = os.path.join(directory, f"{rank}.ready")
+    with open(path + ".tmp", "w") as f:
         f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
 
 
 def forever():
