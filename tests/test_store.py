@@ -296,6 +296,30 @@ def test_close_wakes_every_waiter_and_frees_everything():
     server.close()  # closing again does nothing
 
 
+def test_close_while_a_torch_client_sits_in_barrier():
+    """Closing the server frees the waiter of a client in torch's store.barrier() with its
+    connection; what is freed is not read afterwards (make asan checks that)."""
+    server = StoreServer("127.0.0.1")
+    worker = torch_client(server.port, timeout=60)
+    outcome = []
+
+    def barrier():
+        try:
+            worker.barrier("b", 2, timedelta(seconds=60))
+        except Exception as error:
+            outcome.append(type(error).__name__)
+
+    thread = threading.Thread(target=barrier)
+    thread.start()
+    # BARRIER adds 1 and registers its waiter in one loop pass: once the count is 1, it waits.
+    assert server.wait_count(b"/b", 1, 60) == 1
+    started = time.monotonic()
+    server.close()
+    thread.join(30)
+    assert time.monotonic() - started < 30
+    assert outcome == ["DistNetworkError"]
+
+
 def test_the_server_thread_is_joined_on_close():
     threads = store_threads()
     server = StoreServer("127.0.0.1")

@@ -34,6 +34,12 @@ cdef void release_everything(Loop *L) noexcept nogil:
     """After the loop thread ended: close every socket and free every connection; in-process
     watchers are woken (they own their waiter and find themselves unregistered)."""
     cdef uint64_t one = 1
+    # The watchers first: the counting waiters include the connections' (BARRIER), freed below.
+    for entry in L.count_waiters:
+        for w in entry.second:
+            if w.conn == NULL:
+                write(w.notify_fd, &one, 8)
+    L.count_waiters.clear()
     for c in L.by_fd:
         if c != NULL:
             for w in c.waiters:
@@ -46,11 +52,6 @@ cdef void release_everything(Loop *L) noexcept nogil:
         del c
     L.dead.clear()
     L.dirty.clear()
-    for entry in L.count_waiters:
-        for w in entry.second:
-            if w.conn == NULL:
-                write(w.notify_fd, &one, 8)
-    L.count_waiters.clear()
     L.key_waiters.clear()
     L.kv.clear()
     L.queues.clear()
