@@ -158,6 +158,24 @@ def survivors(processes):
     return survivors
 
 
+def fd_count():
+    """Descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def thread_ids(name):
+    """The ids of this process's threads of that name (comm)."""
+    ids = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                if comm.read().strip() == name:
+                    ids.add(int(task))
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return ids
+
+
 def my_zombies():
     """This process's children that ended and were not reaped."""
     zombies = []

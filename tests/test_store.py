@@ -9,7 +9,18 @@ import time
 from datetime import timedelta
 
 import pytest
-from helpers import REPO, VALIDATE, every_command, free_port, ping_frame, recv_exactly, torch_client, wire
+from helpers import (
+    REPO,
+    VALIDATE,
+    every_command,
+    fd_count,
+    free_port,
+    ping_frame,
+    recv_exactly,
+    thread_ids,
+    torch_client,
+    wire,
+)
 
 from launcher.store import (
     DistNetworkError,
@@ -245,22 +256,6 @@ def test_clear_keeps_only_the_prefix():
         assert store.num_keys() == 0 and store.queue_len("keep/q") == 0
 
 
-def fd_count():
-    return len(os.listdir("/proc/self/fd"))
-
-
-def store_threads():
-    """This process's threads named like the server's loop thread."""
-    names = []
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/comm") as comm:
-                names.append(comm.read().strip())
-        except FileNotFoundError:  # a thread that ended meanwhile
-            pass
-    return names.count("launcher-store")
-
-
 def test_close_wakes_every_waiter_and_frees_everything():
     fds = fd_count()
     server = StoreServer("127.0.0.1")
@@ -321,11 +316,11 @@ def test_close_while_a_torch_client_sits_in_barrier():
 
 
 def test_the_server_thread_is_joined_on_close():
-    threads = store_threads()
+    threads = thread_ids("launcher-store")
     server = StoreServer("127.0.0.1")
-    assert store_threads() == threads + 1
+    assert len(thread_ids("launcher-store") - threads) == 1
     server.close()
-    assert store_threads() == threads
+    assert thread_ids("launcher-store") == threads
 
 
 def test_binds_only_the_address_asked():
