@@ -176,6 +176,13 @@ def thread_ids(name):
     return ids
 
 
+def cpu_seconds(tid):
+    """The CPU time (user and system) one thread of this process has used, in seconds."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def my_zombies():
     """This process's children that ended and were not reaped."""
     zombies = []
