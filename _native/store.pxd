@@ -1,7 +1,8 @@
 # The state of launcher._native.store, declared apart from the code that uses it (as uvloop's
-# .pxd files do): a parsed request (store/protocol.pyx), the server loop's waiters, connections
-# and loop (store/commands.pyx, store/loop.pyx), and the typed attributes and C methods of the
-# two classes (store/server.pyx, store/client.pyx); _native/store.pyx includes those files.
+# .pxd files do): the buffers and the container operations that allocate without throwing
+# (_native/store_alloc.h), a parsed request (store/protocol.pyx), the server loop's waiters,
+# connections and loop (store/commands.pyx, store/loop.pyx), and the typed attributes and C methods
+# of the two classes (store/server.pyx, store/client.pyx); _native/store.pyx includes those files.
 # Cython reads it through launcher/_native/store.pxd, the module's package path. The types cimported
 # here serve every included file as well.
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
