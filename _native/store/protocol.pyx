@@ -105,8 +105,9 @@ cdef int parse_request(const uint8_t *data, size_t size, bint validated, uint64_
     """Parse on, from req.parsed, the request that starts at data; data[:size] is what arrived of it.
 
     Complete: req.size is its length. Incomplete: req.size is how many bytes must have arrived
-    before parsing on, and req keeps the progress, so that each byte is parsed once however the
-    request arrives. Invalid: error says why. A zeroed Request starts a new request.
+    before parsing on, and req keeps the progress (up to the part that is still incomplete), so
+    that parsing a request costs time in proportion to its size however it arrives. Invalid:
+    error says why. A zeroed Request starts a new request.
     """
     cdef uint64_t max_request = request_limit(max_value)
     cdef size_t pos = req.parsed
