@@ -11,13 +11,24 @@ Limits, so that no client can take the server down or grow it without bound:
 * a key or value may hold at most ``max_value_size`` bytes and one request at
   most ``max_value_size + 64 KiB``; a longer length prefix closes the
   connection before anything is buffered;
+* a reply may hold at most ``max_value_size + 64 KiB`` bytes too: a request
+  whose reply would be longer (a MULTI_GET naming one large value many times,
+  say) closes the connection before any of it is built;
+* at most 262,144 WAIT and BARRIER requests may wait on one connection (torch's
+  clients have one at a time); one more closes the connection;
 * a request must arrive completely within ``request_timeout`` seconds
   (default 60) of its first byte; a client trickling bytes slower than that is
   closed at the next sweep, which runs once a second while any request is
   incomplete. A slow client never delays anyone else: the loop never blocks
   on one. Idle connections (nothing buffered) are never closed;
 * a connection stops being read while more than 4 MiB of its replies are
-  unsent, so a client that does not read cannot grow the server either.
+  unsent, so a client that does not read cannot grow the server either;
+* a request, or a reply, for which memory cannot be had closes its connection
+  and leaves the store as it was; the others are served on.
+
+Each request costs time in proportion to its size, however it arrives (it is
+parsed once, as its bytes come), and releasing or cancelling waiters costs time
+in proportion to their number.
 
 Every closed-for-cause connection gets one log line on stderr, written by the
 loop thread with a single write(2).
@@ -29,7 +40,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.errno cimport (EADDRINUSE, EADDRNOTAVAIL, ENOMEM, EAFNOSUPPORT, EAGAIN, ECONNABORTED, EINPROGRESS, EINTR,
                          EMFILE, ENFILE, errno)
 from libc.stdio cimport snprintf
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset, strerror
 from libc.time cimport localtime_r, time_t, tm
 from posix.fcntl cimport O_CLOEXEC as FCNTL_O_CLOEXEC, O_RDONLY, open as c_open

@@ -161,6 +161,31 @@ def survivors(processes):
     return survivors
 
 
+def fd_count():
+    """Descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def thread_ids(name):
+    """The ids of this process's threads of that name (comm)."""
+    ids = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                if comm.read().strip() == name:
+                    ids.add(int(task))
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return ids
+
+
+def cpu_seconds(tid):
+    """The CPU time (user and system) one thread of this process has used, in seconds."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def my_zombies():
     """This process's children that ended and were not reaped."""
     zombies = []

@@ -9,7 +9,18 @@ import time
 from datetime import timedelta
 
 import pytest
-from helpers import REPO, VALIDATE, every_command, free_port, ping_frame, recv_exactly, torch_client, wire
+from helpers import (
+    REPO,
+    VALIDATE,
+    every_command,
+    fd_count,
+    free_port,
+    ping_frame,
+    recv_exactly,
+    thread_ids,
+    torch_client,
+    wire,
+)
 
 from launcher.store import (
     DistNetworkError,
@@ -245,22 +256,6 @@ def test_clear_keeps_only_the_prefix():
         assert store.num_keys() == 0 and store.queue_len("keep/q") == 0
 
 
-def fd_count():
-    return len(os.listdir("/proc/self/fd"))
-
-
-def store_threads():
-    """This process's threads named like the server's loop thread."""
-    names = []
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/comm") as comm:
-                names.append(comm.read().strip())
-        except FileNotFoundError:  # a thread that ended meanwhile
-            pass
-    return names.count("launcher-store")
-
-
 def test_close_wakes_every_waiter_and_frees_everything():
     fds = fd_count()
     server = StoreServer("127.0.0.1")
@@ -296,12 +291,36 @@ def test_close_wakes_every_waiter_and_frees_everything():
     server.close()  # closing again does nothing
 
 
-def test_the_server_thread_is_joined_on_close():
-    threads = store_threads()
+def test_close_while_a_torch_client_sits_in_barrier():
+    """Closing the server frees the waiter of a client in torch's store.barrier() with its
+    connection; what is freed is not read afterwards (make asan checks that)."""
     server = StoreServer("127.0.0.1")
-    assert store_threads() == threads + 1
+    worker = torch_client(server.port, timeout=60)
+    outcome = []
+
+    def barrier():
+        try:
+            worker.barrier("b", 2, timedelta(seconds=60))
+        except Exception as error:
+            outcome.append(type(error).__name__)
+
+    thread = threading.Thread(target=barrier)
+    thread.start()
+    # BARRIER adds 1 and registers its waiter in one loop pass: once the count is 1, it waits.
+    assert server.wait_count(b"/b", 1, 60) == 1
+    started = time.monotonic()
     server.close()
-    assert store_threads() == threads
+    thread.join(30)
+    assert time.monotonic() - started < 30
+    assert outcome == ["DistNetworkError"]
+
+
+def test_the_server_thread_is_joined_on_close():
+    threads = thread_ids("launcher-store")
+    server = StoreServer("127.0.0.1")
+    assert len(thread_ids("launcher-store") - threads) == 1
+    server.close()
+    assert thread_ids("launcher-store") == threads
 
 
 def test_binds_only_the_address_asked():

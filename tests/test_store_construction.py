@@ -1,14 +1,13 @@
 """A store Server or Client whose construction fails, and a wait_count that cannot start, leave no
 descriptor or thread behind, and say which step failed."""
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, fd_count
 
 from launcher._native.store import Client, DistNetworkError
 
@@ -89,10 +88,6 @@ def test_a_server_short_of_descriptors_fails_at_that_step_and_leaves_nothing(spa
 ])
 def test_wait_count_short_of_a_descriptor_fails_and_leaves_nothing(spare, error):
     assert with_spare_descriptors("wait_count", spare) == {"error": error, "leaked": [], "threads": 0}
-
-
-def fd_count():
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize("listening, reason", [

@@ -134,6 +134,44 @@ def test_value_size_limit(capfd):
         server.close()
 
 
+def test_a_reply_past_the_limit_closes_the_connection_before_it_is_built(capfd):
+    server = StoreServer("127.0.0.1", max_value_size=1 << 20)
+    try:
+        store = TCPStore("127.0.0.1", server.port, timeout=30)
+        value = os.urandom(1 << 20)
+        store.set("big", value)
+        assert store.multi_get(["big"]) == [value]  # the largest value fits in a reply
+        # 24 times the largest value, asked for in 300 bytes: refused, not built.
+        greedy = connect(server.port)
+        greedy.sendall(VALIDATE + b"\x0a" + struct.pack("<Q", 24) + wire(b"/big") * 24)
+        assert read_until_closed(greedy) == b""
+        assert store.get("big") == value and served(server.port)
+        [line] = log_lines(capfd)
+        reason = LOG_LINE.fullmatch(line)["reason"]
+        assert reason == "reply of at least 2097168 bytes exceeds the limit of 1114112 bytes"
+    finally:
+        server.close()
+
+
+WAITER_LIMIT = 1 << 18  # the WAIT and BARRIER requests one connection may have waiting (the module text)
+
+
+def test_a_connection_may_have_so_many_requests_waiting(server, capfd):
+    bystander = connect(server.port)
+    bystander.sendall(VALIDATE)
+    greedy = connect(server.port)
+    greedy.sendall(VALIDATE + (b"\x06" + struct.pack("<Q", 1) + wire(b"/k")) * WAITER_LIMIT)
+    assert served(greedy)  # all of them waiting
+    greedy.sendall(b"\x12" + wire(b"/b") + struct.pack("<q", 2))  # one more: a BARRIER
+    assert read_until_closed(greedy) == b""
+    [line] = log_lines(capfd)
+    assert LOG_LINE.fullmatch(line)["reason"] == "more than 262144 WAIT and BARRIER requests waiting on one connection"
+    # Refused before it counted itself; and the others are served.
+    bystander.sendall(b"\x05" + struct.pack("<Q", 1) + wire(b"/b"))
+    assert recv_exactly(bystander, 1) == b"\x01"
+    assert served(bystander)
+
+
 def trickle(conn, data, pause):
     """Send data one byte at a time, pause seconds apart; False when the server closed conn."""
     for i in range(len(data)):
@@ -248,12 +286,28 @@ def frames(draw):
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frames(), st.binary(max_size=20))
-def test_parser_takes_exactly_one_valid_frame(frame, tail):
+@given(frames(), st.binary(max_size=20), st.integers(1, 9))
+def test_parser_takes_exactly_one_valid_frame(frame, tail, chunk):
     data, command, strings, number = frame
     assert parse_frame(data + tail) == (len(data), command, strings, number)
+    assert parse_frame(data + tail, chunk=chunk) == (len(data), command, strings, number)
     for cut in range(len(data)):
         assert parse_frame(data[:cut]) is None
+        assert parse_frame(data[:cut], chunk=chunk) is None
+
+
+def parsed_or_refused(data, validated, max_value, chunk=0):
+    try:
+        return parse_frame(data, validated, max_value, chunk=chunk)
+    except ValueError as error:
+        return str(error)
+
+
+@settings(max_examples=2500, deadline=None)
+@given(st.binary(max_size=64), st.booleans(), st.integers(1, 64), st.integers(1, 9))
+def test_the_parser_finds_the_same_in_chunks_as_at_once(data, validated, max_value, chunk):
+    """The server parses on from where it stopped as a request's bytes come, in any chunks."""
+    assert parsed_or_refused(data, validated, max_value, chunk) == parsed_or_refused(data, validated, max_value)
 
 
 @settings(max_examples=2500, deadline=None)

@@ -13,13 +13,13 @@ cdef enum Reply:
     QUEUE_ITEM  # an i64 (0: empty), then one value unless 0
 
 
-cdef void put_key(string *out, key):
+cdef void put_key(Buffer *out, key):
     if not isinstance(key, bytes):
         raise TypeError(f"store keys and values are bytes here, got {type(key).__name__}")
     put_bytes(out, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
 
 
-cdef void put_keys(string *out, keys):
+cdef void put_keys(Buffer *out, keys):
     keys = list(keys)
     put_u64(out, len(keys))
     for key in keys:
@@ -44,6 +44,7 @@ cdef class Client:
         pthread_mutex_init(&self.lock, NULL)
 
     def __init__(self, str host, int port, double timeout=300.0, int interrupt_fd=-1):
+        cdef Buffer nothing
         cdef Answer unused
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {port}")
@@ -54,7 +55,7 @@ cdef class Client:
         self.host_c = host.encode()
         self.timeout = timeout
         self.interrupt_fd = interrupt_fd
-        self.call(string(), NO_REPLY, 0, &unused, "connect")
+        self.call(nothing, NO_REPLY, 0, &unused, "connect")
 
     @property
     def timeout(self):
@@ -94,12 +95,12 @@ cdef class Client:
             self.rbuf = NULL
             self.rcap = self.rlen = self.rpos = 0
 
-    cdef int send_all(self, const string &data, int64_t deadline) noexcept nogil:
+    cdef int send_all(self, const char *data, size_t size, int64_t deadline) noexcept nogil:
         cdef size_t pos = 0
         cdef ssize_t n
         cdef int status
-        while pos < data.size():
-            n = send(self.fd, data.data() + pos, data.size() - pos, MSG_NOSIGNAL)
+        while pos < size:
+            n = send(self.fd, data + pos, size - pos, MSG_NOSIGNAL)
             if n >= 0:
                 pos += n
             elif errno == EINTR:
@@ -150,6 +151,7 @@ cdef class Client:
 
     cdef int read_value(self, Answer *answer, int64_t deadline) noexcept nogil:
         cdef uint64_t size
+        cdef string value
         cdef int status = self.fill(8, deadline)
         if status != OK:
             return status
@@ -158,7 +160,9 @@ cdef class Client:
         status = self.fill(size, deadline)
         if status != OK:
             return status
-        answer.values.push_back(string(self.rbuf + self.rpos, size))
+        if not (string_assign(value, self.rbuf + self.rpos, size) and push_back_moved(answer.values, value)):
+            self.err = ENOMEM
+            return IO_FAILED
         self.rpos += size
         return OK
 
@@ -193,14 +197,17 @@ cdef class Client:
         return status
 
     cdef int handshake(self, int64_t deadline) noexcept nogil:
-        cdef string request
+        cdef char request[10]
         cdef uint32_t nonce = <uint32_t>(monotonic_ms() * 2654435761u) ^ <uint32_t>getpid()
+        cdef uint32_t wire
         cdef int status
-        request.push_back(VALIDATE)
-        put_u32(&request, MAGIC)
-        request.push_back(PING)
-        put_u32(&request, nonce)
-        status = self.send_all(request, deadline)
+        request[0] = VALIDATE
+        wire = htole32(MAGIC)
+        memcpy(request + 1, &wire, 4)
+        request[5] = PING
+        wire = htole32(nonce)
+        memcpy(request + 6, &wire, 4)
+        status = self.send_all(request, sizeof(request), deadline)
         if status == OK:
             status = self.fill(4, deadline)
         if status == OK:
@@ -224,20 +231,20 @@ cdef class Client:
         snprintf(service, sizeof(service), "%d", self.port)
         rc = getaddrinfo(self.host_c.c_str(), service, &hints, &found)
         if rc != 0:
-            self.why.assign(gai_strerror(rc))
+            snprintf(self.why, ERROR_SIZE, "%s", gai_strerror(rc))
             return RETRY
         ai = found
         while ai != NULL and status == RETRY:
             fd = socket(ai.ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, ai.ai_protocol)
             if fd < 0:
-                self.why.assign(strerror(errno))
+                snprintf(self.why, ERROR_SIZE, "%s", strerror(errno))
                 ai = ai.ai_next
                 continue
             rc = connect(fd, ai.ai_addr, ai.ai_addrlen)
             if rc != 0 and errno == EINPROGRESS:
                 rc = wait_io(fd, POLLOUT, self.interrupt_fd, deadline, &self.err)
                 if rc == TIMED_OUT:
-                    self.why.assign(b"connect timed out")
+                    snprintf(self.why, ERROR_SIZE, "connect timed out")
                     close(fd)
                     break
                 if rc != OK:
@@ -247,7 +254,7 @@ cdef class Client:
                 rc = getsockopt(fd, SOL_SOCKET, SO_ERROR, &so_error, &size)
             # Requests are small and each waits for its reply: Nagle would only delay them.
             if rc != 0 or so_error != 0 or setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0:
-                self.why.assign(strerror(so_error if so_error != 0 else errno))
+                snprintf(self.why, ERROR_SIZE, "%s", strerror(so_error if so_error != 0 else errno))
                 close(fd)
                 so_error = 0
                 ai = ai.ai_next
@@ -261,13 +268,13 @@ cdef class Client:
             if rc == INTERRUPTED or rc == BAD_INTERRUPT_FD:
                 status = rc
             elif rc == UNEXPECTED_REPLY:
-                self.why.assign(b"the PING nonce did not come back (not a store server?)")
+                snprintf(self.why, ERROR_SIZE, "the PING nonce did not come back (not a store server?)")
             elif rc == PEER_CLOSED:
-                self.why.assign(b"the server closed the connection during the handshake")
+                snprintf(self.why, ERROR_SIZE, "the server closed the connection during the handshake")
             elif rc == IO_FAILED:
-                self.why.assign(strerror(self.err))
+                snprintf(self.why, ERROR_SIZE, "%s", strerror(self.err))
             else:
-                self.why.assign(b"no answer to the handshake")
+                snprintf(self.why, ERROR_SIZE, "no answer to the handshake")
             ai = ai.ai_next
         freeaddrinfo(found)
         return status
@@ -289,23 +296,23 @@ cdef class Client:
                 return status
             delay = min(delay * 2, <int64_t>1000)
 
-    cdef int exchange(self, const string &request, int reply, size_t count, Answer *answer,
+    cdef int exchange(self, const Buffer &request, int reply, size_t count, Answer *answer,
                       int64_t deadline) noexcept nogil:
         cdef int status = OK
         if self.fd < 0:
             status = self.connect_retrying(deadline)
-        if status == OK and not request.empty():
-            status = self.send_all(request, deadline)
+        if status == OK and request.size != 0:
+            status = self.send_all(request.data, request.size, deadline)
         if status == OK:
             status = self.read_reply(reply, count, answer, deadline)
         return status
 
-    cdef int wait_keys(self, const string &request, int64_t wait_deadline, int64_t deadline) noexcept nogil:
+    cdef int wait_keys(self, const Buffer &request, int64_t wait_deadline, int64_t deadline) noexcept nogil:
         """WAIT as torch's client does it: past wait_deadline, send CANCEL_WAIT and read up to
         WAIT_CANCELED (a STOP_WAITING may come first, when the keys arrived meanwhile)."""
         cdef Answer answer
         cdef int status = self.exchange(request, NO_REPLY, 0, &answer, deadline)
-        cdef string cancel
+        cdef char cancel = CANCEL_WAIT
         if status != OK:
             return status
         status = self.read_reply(ONE_BYTE, 0, &answer, wait_deadline)
@@ -313,9 +320,8 @@ cdef class Client:
             return OK if answer.number == STOP_WAITING else UNEXPECTED_REPLY
         if status != TIMED_OUT:
             return status
-        cancel.push_back(CANCEL_WAIT)
         deadline = monotonic_ms() + self.timeout_ms
-        status = self.send_all(cancel, deadline)
+        status = self.send_all(&cancel, 1, deadline)
         while status == OK:
             status = self.read_reply(ONE_BYTE, 0, &answer, deadline)
             if status == OK and answer.number == WAIT_CANCELED:
@@ -324,11 +330,10 @@ cdef class Client:
                 return UNEXPECTED_REPLY
         return status
 
-    cdef int call(self, const string &request, int reply, size_t count, Answer *answer, str what) except -1:
+    cdef int call(self, const Buffer &request, int reply, size_t count, Answer *answer, str what) except -1:
         cdef int status
         cdef int64_t deadline = monotonic_ms() + self.timeout_ms
-        if self.lost is not None:
-            raise DistNetworkError(self.lost)
+        self.check_sendable(request, what)
         with nogil:
             pthread_mutex_lock(&self.lock)
             status = self.exchange(request, reply, count, answer, deadline)
@@ -338,6 +343,15 @@ cdef class Client:
             pthread_mutex_unlock(&self.lock)
         if status != OK:
             self.fail(status, what)
+        return 0
+
+    cdef int check_sendable(self, const Buffer &request, str what) except -1:
+        """Raise if request cannot be sent: memory ran out while it was written, or the connection is
+        gone for good."""
+        if request.failed:
+            raise MemoryError(f"no memory for a {what} request of more than {request.size} bytes")
+        if self.lost is not None:
+            raise DistNetworkError(self.lost)
         return 0
 
     cdef fail(self, int status, str what):
@@ -361,35 +375,35 @@ cdef class Client:
     # Operations, on wire keys.
 
     def set(self, bytes key, bytes value):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(SET)
+        put_u8(&request, SET)
         put_key(&request, key)
         put_key(&request, value)
         self.call(request, NO_REPLY, 0, &answer, "SET")
 
     def get(self, bytes key):
         """The value now stored at key; b"" when it is missing (no waiting: see wait)."""
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(GET)
+        put_u8(&request, GET)
         put_key(&request, key)
         self.call(request, VALUE, 0, &answer, "GET")
         return answer.values[0]
 
     def add(self, bytes key, int64_t delta):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(ADD)
+        put_u8(&request, ADD)
         put_key(&request, key)
         put_u64(&request, <uint64_t>delta)
         self.call(request, NUMBER, 0, &answer, "ADD")
         return answer.number
 
     def compare_set(self, bytes key, bytes expected, bytes desired):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(COMPARE_SET)
+        put_u8(&request, COMPARE_SET)
         put_key(&request, key)
         put_key(&request, expected)
         put_key(&request, desired)
@@ -397,9 +411,9 @@ cdef class Client:
         return answer.values[0]
 
     def check(self, keys):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(CHECK)
+        put_u8(&request, CHECK)
         put_keys(&request, keys)
         self.call(request, ONE_BYTE, 0, &answer, "CHECK")
         return answer.number == CHECK_READY
@@ -407,16 +421,15 @@ cdef class Client:
     def wait(self, keys, double timeout):
         """Block until every key exists, at most timeout seconds (then DistStoreError with
         torch's message: "wait timeout after Nms, keys: ...")."""
-        cdef string request
+        cdef Buffer request
         cdef int status
         cdef int64_t now = monotonic_ms()
         cdef int64_t wait_deadline = now + <int64_t>(timeout * 1000)
         cdef int64_t deadline = now + self.timeout_ms
         keys = list(keys)
-        request.push_back(WAIT)
+        put_u8(&request, WAIT)
         put_keys(&request, keys)
-        if self.lost is not None:
-            raise DistNetworkError(self.lost)
+        self.check_sendable(request, "WAIT")
         with nogil:
             pthread_mutex_lock(&self.lock)
             status = self.wait_keys(request, wait_deadline, deadline)
@@ -432,41 +445,43 @@ cdef class Client:
 
     def num_keys(self):
         cdef Answer answer
-        self.call(string(1, GETNUMKEYS), NUMBER, 0, &answer, "GETNUMKEYS")
+        cdef Buffer request
+        put_u8(&request, GETNUMKEYS)
+        self.call(request, NUMBER, 0, &answer, "GETNUMKEYS")
         return answer.number
 
     def delete_key(self, bytes key):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(DELETE_KEY)
+        put_u8(&request, DELETE_KEY)
         put_key(&request, key)
         self.call(request, NUMBER, 0, &answer, "DELETE_KEY")
         return answer.number == 1
 
     def append(self, bytes key, bytes value):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(APPEND)
+        put_u8(&request, APPEND)
         put_key(&request, key)
         put_key(&request, value)
         self.call(request, NO_REPLY, 0, &answer, "APPEND")
 
     def multi_get(self, keys):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
         keys = list(keys)
-        request.push_back(MULTI_GET)
+        put_u8(&request, MULTI_GET)
         put_keys(&request, keys)
         self.call(request, VALUES, len(keys), &answer, "MULTI_GET")
         return [value for value in answer.values]
 
     def multi_set(self, keys, values):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
         keys, values = list(keys), list(values)
         if len(keys) != len(values):
             raise ValueError(f"multi_set needs as many values as keys, got {len(keys)} keys and {len(values)} values")
-        request.push_back(MULTI_SET)
+        put_u8(&request, MULTI_SET)
         put_u64(&request, len(keys))
         for key, value in zip(keys, values):
             put_key(&request, key)
@@ -474,33 +489,35 @@ cdef class Client:
         self.call(request, NO_REPLY, 0, &answer, "MULTI_SET")
 
     def queue_push(self, bytes key, bytes value):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(QUEUE_PUSH)
+        put_u8(&request, QUEUE_PUSH)
         put_key(&request, key)
         put_key(&request, value)
         self.call(request, NO_REPLY, 0, &answer, "QUEUE_PUSH")
 
     def queue_pop(self, bytes key):
         """The first item of the queue, or None when it is empty (no waiting: see wait)."""
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(QUEUE_POP)
+        put_u8(&request, QUEUE_POP)
         put_key(&request, key)
         self.call(request, QUEUE_ITEM, 0, &answer, "QUEUE_POP")
         return answer.values[0] if answer.number > 0 else None
 
     def queue_len(self, bytes key):
-        cdef string request
+        cdef Buffer request
         cdef Answer answer
-        request.push_back(QUEUE_LEN)
+        put_u8(&request, QUEUE_LEN)
         put_key(&request, key)
         self.call(request, NUMBER, 0, &answer, "QUEUE_LEN")
         return answer.number
 
     def list_keys(self):
         cdef Answer answer
-        self.call(string(1, LIST_KEYS), COUNTED_VALUES, 0, &answer, "LIST_KEYS")
+        cdef Buffer request
+        put_u8(&request, LIST_KEYS)
+        self.call(request, COUNTED_VALUES, 0, &answer, "LIST_KEYS")
         return [key for key in answer.values]
 
     def __repr__(self):

@@ -26,32 +26,46 @@ cdef Loop *new_loop() except NULL:
     L.reserve_fd = -1
     L.partial_conns = 0
     L.last_sweep = 0
+    L.dirty = NULL
+    L.dead = NULL
     L.scratch = NULL
     return L
 
 
+cdef void free_conn(Conn *c) noexcept nogil:
+    """Close c's socket and free it with its waiters (in no line any more, or in none that lasts)."""
+    while c.waiters != NULL:
+        free_waiter(c.waiters)
+    close(c.fd)
+    del c
+
+
 cdef void release_everything(Loop *L) noexcept nogil:
     """After the loop thread ended: close every socket and free every connection; in-process
-    watchers are woken (they own their waiter and find themselves unregistered)."""
+    watchers are woken (they own their waiter and find it in no line)."""
+    cdef unordered_map[string, WaitList].iterator it = L.count_waiters.begin()
+    cdef Registration *r
     cdef uint64_t one = 1
-    for c in L.by_fd:
-        if c != NULL:
-            for w in c.waiters:
-                del w
-            close(c.fd)
-            del c
-    L.by_fd.clear()
-    for c in L.dead:
-        close(c.fd)
-        del c
-    L.dead.clear()
-    L.dirty.clear()
-    for entry in L.count_waiters:
-        for w in entry.second:
-            if w.conn == NULL:
-                write(w.notify_fd, &one, 8)
+    # The watchers first, while every waiter in the lines (the connections' BARRIERs too) is alive.
+    while it != L.count_waiters.end():
+        r = deref(it).second.first
+        while r != NULL:
+            if r.waiter.conn == NULL:
+                r.line = NULL
+                write(r.waiter.notify_fd, &one, 8)
+            r = r.next
+        inc(it)
     L.count_waiters.clear()
     L.key_waiters.clear()
+    for c in L.by_fd:
+        if c != NULL:
+            free_conn(c)
+    L.by_fd.clear()
+    while L.dead != NULL:
+        c = L.dead
+        L.dead = c.next_dead
+        free_conn(c)
+    L.dirty = NULL
     L.kv.clear()
     L.queues.clear()
     for fd in L.listen_fds:
@@ -73,25 +87,24 @@ cdef void release_everything(Loop *L) noexcept nogil:
 cdef void mark_dirty(Loop *L, Conn *c) noexcept nogil:
     if not c.dirty:
         c.dirty = True
-        L.dirty.push_back(c)
+        c.next_dirty = L.dirty
+        L.dirty = c
 
 
-cdef void close_conn(Loop *L, Conn *c, const string &reason) noexcept nogil:
-    """Stop serving c now; its descriptor is closed at the end of the loop pass, so that a
-    later event of this pass cannot reach a connection accepted on the same number."""
-    cdef string line
+cdef void close_conn(Loop *L, Conn *c, const char *reason) noexcept nogil:
+    """Stop serving c now, logging reason unless it is NULL; its descriptor is closed at the end
+    of the loop pass, so that a later event of this pass cannot reach a connection accepted on the
+    same number."""
+    cdef char line[LOG_LINE_SIZE]
     if c.closing:
         return
     c.closing = True
-    if c.out_sent < c.outbuf.size():
+    if c.out_sent < c.outbuf.size:
         # Best effort: the replies to its valid requests before the bad one. The connection is
         # going away, so a short or failed send changes nothing.
-        send(c.fd, c.outbuf.data() + c.out_sent, c.outbuf.size() - c.out_sent, MSG_NOSIGNAL | MSG_DONTWAIT)
-    if not reason.empty():
-        line.assign(b"closed connection from ")
-        line.append(c.peer)
-        line.append(b": ")
-        line.append(reason)
+        send(c.fd, c.outbuf.data + c.out_sent, c.outbuf.size - c.out_sent, MSG_NOSIGNAL | MSG_DONTWAIT)
+    if reason != NULL:
+        snprintf(line, sizeof(line), "closed connection from %s: %s", c.peer, reason)
         log_line(b'E', line)
     cancel_waits(L, c)
     if c.partial_since:
@@ -100,59 +113,60 @@ cdef void close_conn(Loop *L, Conn *c, const string &reason) noexcept nogil:
     # Failure here leaves nothing to undo: close() below removes the descriptor from the set anyway.
     epoll_ctl(L.epfd, EPOLL_CTL_DEL, c.fd, NULL)
     L.by_fd[c.fd] = NULL
-    L.dead.push_back(c)
+    c.next_dead = L.dead
+    L.dead = c
 
 
 cdef void set_interest(Loop *L, Conn *c) noexcept nogil:
     cdef epoll_event ev
     cdef uint32_t want = 0
-    cdef string reason
+    cdef char reason[ERROR_SIZE]
     if not c.paused:
         want |= EPOLLIN
-    if c.out_sent < c.outbuf.size():
+    if c.out_sent < c.outbuf.size:
         want |= EPOLLOUT
     if want == c.events or c.closing:
         return
     ev.events = want
     ev.data.fd = c.fd
     if epoll_ctl(L.epfd, EPOLL_CTL_MOD, c.fd, &ev) != 0:
-        reason.assign(b"epoll_ctl: ")
-        reason.append(strerror(errno))
+        snprintf(reason, sizeof(reason), "epoll_ctl: %s", strerror(errno))
         close_conn(L, c, reason)
         return
     c.events = want
 
 
 cdef ssize_t execute_frames(Loop *L, Conn *c, const char *data, size_t size) noexcept nogil:
-    """Execute the complete requests at the start of data; return the bytes they took, -1 if c closed."""
+    """Execute the complete requests at the start of data, parsing on the one c is receiving;
+    return the bytes they took, -1 if c closed."""
     cdef size_t pos = 0
     cdef int result
     while pos < size:
-        if c.outbuf.size() - c.out_sent > OUTPUT_HIGH_WATER:
+        if c.outbuf.size - c.out_sent > OUTPUT_HIGH_WATER:
             c.paused = True
             c.need = 0
             return pos
         result = parse_request(<const uint8_t *>data + pos, size - pos, c.validated, L.max_value,
-                               &L.request, &L.error)
+                               &c.request, L.error)
         if result == PARSE_INCOMPLETE:
-            c.need = L.request.size
+            c.need = c.request.size
             return pos
-        if result == PARSE_INVALID or not execute(L, c, data + pos, &L.request, &L.error):
+        if result == PARSE_INVALID or not execute(L, c, data + pos, &c.request):
             close_conn(L, c, L.error)
             return -1
-        pos += L.request.size
+        pos += c.request.size
+        memset(&c.request, 0, sizeof(Request))
     c.need = 0
     return pos
 
 
 cdef void track_partial(Loop *L, Conn *c, bint progressed) noexcept nogil:
     """Keep partial_since: when the incomplete request now buffered started arriving."""
-    if c.inbuf.empty() or c.paused:
+    if c.inbuf.size == 0 or c.paused:
         if c.partial_since:
             c.partial_since = 0
             L.partial_conns -= 1
-        if c.inbuf.empty() and c.inbuf.capacity() > KEEP_BUFFER:
-            c.inbuf.shrink_to_fit()
+        release_if_large(&c.inbuf, KEEP_BUFFER)
     elif c.partial_since == 0:
         c.partial_since = L.now
         L.partial_conns += 1
@@ -160,23 +174,34 @@ cdef void track_partial(Loop *L, Conn *c, bint progressed) noexcept nogil:
         c.partial_since = L.now
 
 
+cdef bint buffer_input(Loop *L, Conn *c, const char *data, size_t size) noexcept nogil:
+    """Keep bytes received for a request not yet complete; False: out of memory, c closed."""
+    cdef char reason[ERROR_SIZE]
+    if not reserve(&c.inbuf, size):
+        snprintf(reason, sizeof(reason), "out of memory for %zu bytes of a request", c.inbuf.size + size)
+        close_conn(L, c, reason)
+        return False
+    put(&c.inbuf, data, size)
+    return True
+
+
 cdef void feed(Loop *L, Conn *c, const char *data, size_t size) noexcept nogil:
     """Take bytes just received: execute what is complete, keep the rest."""
     cdef ssize_t used
-    if c.inbuf.empty():
+    if c.inbuf.size == 0:
         used = execute_frames(L, c, data, size)
-        if used < 0:
+        if used < 0 or (<size_t>used < size and not buffer_input(L, c, data + used, size - used)):
             return
-        c.inbuf.assign(data + used, size - used)
     else:
-        c.inbuf.append(data, size)
-        if c.inbuf.size() < c.need:
+        if not buffer_input(L, c, data, size):
+            return
+        if c.inbuf.size < c.need:
             track_partial(L, c, False)
             return
-        used = execute_frames(L, c, c.inbuf.data(), c.inbuf.size())
+        used = execute_frames(L, c, c.inbuf.data, c.inbuf.size)
         if used < 0:
             return
-        c.inbuf.erase(0, used)
+        consume(&c.inbuf, used)
     track_partial(L, c, used > 0)
 
 
@@ -184,8 +209,11 @@ cdef void flush(Loop *L, Conn *c) noexcept nogil:
     """Send what c's replies hold; once they drained, resume a paused connection."""
     cdef ssize_t n, used
     while not c.closing:
-        while c.out_sent < c.outbuf.size():
-            n = send(c.fd, c.outbuf.data() + c.out_sent, c.outbuf.size() - c.out_sent, MSG_NOSIGNAL | MSG_DONTWAIT)
+        if c.outbuf.failed:  # a reply is missing (see release): what follows it cannot be sent
+            close_conn(L, c, "out of memory for a reply")
+            return
+        while c.out_sent < c.outbuf.size:
+            n = send(c.fd, c.outbuf.data + c.out_sent, c.outbuf.size - c.out_sent, MSG_NOSIGNAL | MSG_DONTWAIT)
             if n >= 0:
                 c.out_sent += n
             elif errno == EINTR:
@@ -193,21 +221,20 @@ cdef void flush(Loop *L, Conn *c) noexcept nogil:
             elif errno == EAGAIN:
                 break
             else:
-                close_conn(L, c, string())  # the peer went away: not its fault, nothing to log
+                close_conn(L, c, NULL)  # the peer went away: not its fault, nothing to log
                 return
-        if c.out_sent < c.outbuf.size():
+        if c.out_sent < c.outbuf.size:
             break
-        c.outbuf.clear()
+        c.outbuf.size = 0
         c.out_sent = 0
-        if c.outbuf.capacity() > KEEP_BUFFER:
-            c.outbuf.shrink_to_fit()
+        release_if_large(&c.outbuf, KEEP_BUFFER)
         if not c.paused:
             break
         c.paused = False
-        used = execute_frames(L, c, c.inbuf.data(), c.inbuf.size())
+        used = execute_frames(L, c, c.inbuf.data, c.inbuf.size)
         if used < 0:
             return
-        c.inbuf.erase(0, used)
+        consume(&c.inbuf, used)
         track_partial(L, c, used > 0)
     set_interest(L, c)
 
@@ -215,8 +242,7 @@ cdef void flush(Loop *L, Conn *c) noexcept nogil:
 cdef void on_readable(Loop *L, Conn *c) noexcept nogil:
     cdef ssize_t n
     cdef size_t budget = READ_BUDGET
-    cdef char text[96]
-    cdef string reason
+    cdef char reason[ERROR_SIZE]
     while not c.closing and not c.paused and budget > 0:
         n = recv(c.fd, L.scratch, SCRATCH_SIZE, 0)
         if n > 0:
@@ -225,45 +251,38 @@ cdef void on_readable(Loop *L, Conn *c) noexcept nogil:
                 break
             budget -= min(budget, <size_t>n)
         elif n == 0:
-            reason.clear()
-            if not c.inbuf.empty():
-                snprintf(text, sizeof(text), "closed in the middle of a request (%zu bytes of it received)",
-                         c.inbuf.size())
-                reason.assign(<const char *>text)
-            close_conn(L, c, reason)
+            if c.inbuf.size == 0:
+                close_conn(L, c, NULL)
+            else:
+                snprintf(reason, sizeof(reason), "closed in the middle of a request (%zu bytes of it received)",
+                         c.inbuf.size)
+                close_conn(L, c, reason)
         elif errno == EINTR:
             continue
         elif errno == EAGAIN:
             break
         else:
-            close_conn(L, c, string())  # reset by the peer: nothing to log
+            close_conn(L, c, NULL)  # reset by the peer: nothing to log
     if not c.closing:
         flush(L, c)
 
 
 # --- accepting ------------------------------------------------------------
 
-cdef void format_peer(const sockaddr_storage *addr, string *out) noexcept nogil:
+cdef void format_peer(const sockaddr_storage *addr, char *out) noexcept nogil:
+    """addr as "host:port" ("[host]:port" for IPv6) into out (PEER_SIZE bytes)."""
     cdef char host[INET6_ADDRSTRLEN]
-    cdef char text[INET6_ADDRSTRLEN + 16]
-    cdef int port
     if addr.ss_family == AF_INET6:
         inet_ntop(AF_INET6, &(<const sockaddr_in6 *>addr).sin6_addr, host, sizeof(host))
-        port = ntohs((<const sockaddr_in6 *>addr).sin6_port)
-        snprintf(text, sizeof(text), "[%s]:%d", host, port)
+        snprintf(out, PEER_SIZE, "[%s]:%d", host, ntohs((<const sockaddr_in6 *>addr).sin6_port))
     else:
         inet_ntop(AF_INET, &(<const sockaddr_in *>addr).sin_addr, host, sizeof(host))
-        port = ntohs((<const sockaddr_in *>addr).sin_port)
-        snprintf(text, sizeof(text), "%s:%d", host, port)
-    out.assign(<const char *>text)
+        snprintf(out, PEER_SIZE, "%s:%d", host, ntohs((<const sockaddr_in *>addr).sin_port))
 
 
-cdef void log_refused(const string &peer, const char *why) noexcept nogil:
-    cdef string line
-    line.assign(b"refused a connection from ")
-    line.append(peer)
-    line.append(b": ")
-    line.append(why)
+cdef void log_refused(const char *peer, const char *why) noexcept nogil:
+    cdef char line[LOG_LINE_SIZE]
+    snprintf(line, sizeof(line), "refused a connection from %s: %s", peer, why)
     log_line(b'E', line)
 
 
@@ -271,16 +290,31 @@ cdef void set_accepting(Loop *L, bint accepting) noexcept nogil:
     """Out of descriptors with no reserve left: stop watching the listening sockets (they would
     stay readable and spin the loop) until a connection closes and a reserve can be had again."""
     cdef epoll_event ev
-    cdef string line
     L.accepting = accepting
     for fd in L.listen_fds:
         ev.events = EPOLLIN
         ev.data.fd = fd
         # Failure leaves the socket as it was: watched (and spinning) or not (until a later close).
         epoll_ctl(L.epfd, EPOLL_CTL_ADD if accepting else EPOLL_CTL_DEL, fd, &ev)
-    line.assign(b"accepting connections again" if accepting else
-                b"stopped accepting connections: out of file descriptors; resuming when one closes")
-    log_line(b'W' if accepting else b'E', line)
+    if accepting:
+        log_line(b'W', "accepting connections again")
+    else:
+        log_line(b'E', "stopped accepting connections: out of file descriptors; resuming when one closes")
+
+
+cdef Conn *new_conn(Loop *L, int fd, const char *peer) noexcept nogil:
+    """The connection of fd, found by L.by_fd; NULL: out of memory."""
+    cdef Conn *c
+    if L.by_fd.size() <= <size_t>fd and not vector_grow(L.by_fd, fd + 1):
+        return NULL
+    c = new_nothrow[Conn]()
+    if c == NULL:
+        return NULL
+    c.fd = fd
+    snprintf(c.peer, PEER_SIZE, "%s", peer)
+    c.events = EPOLLIN
+    L.by_fd[fd] = c
+    return c
 
 
 cdef void on_acceptable(Loop *L, int listen_fd) noexcept nogil:
@@ -288,8 +322,8 @@ cdef void on_acceptable(Loop *L, int listen_fd) noexcept nogil:
     cdef socklen_t size
     cdef int fd, code, one = 1
     cdef epoll_event ev
-    cdef Conn *c
-    cdef string peer, line
+    cdef char peer[PEER_SIZE]
+    cdef char line[LOG_LINE_SIZE]
     for _ in range(ACCEPT_BUDGET):
         size = sizeof(addr)
         fd = accept4(listen_fd, <sockaddr *>&addr, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -310,17 +344,16 @@ cdef void on_acceptable(Loop *L, int listen_fd) noexcept nogil:
                 L.reserve_fd = c_open(b"/dev/null", O_RDONLY | FCNTL_O_CLOEXEC)
                 if fd < 0:
                     return  # nothing was waiting after all
-                format_peer(&addr, &peer)
+                format_peer(&addr, peer)
                 log_refused(peer, strerror(code))
                 continue
             if code == EMFILE or code == ENFILE:
                 set_accepting(L, False)
                 return
-            line.assign(b"accept: ")
-            line.append(strerror(code))
+            snprintf(line, sizeof(line), "accept: %s", strerror(code))
             log_line(b'E', line)
             return
-        format_peer(&addr, &peer)
+        format_peer(&addr, peer)
         ev.events = EPOLLIN
         ev.data.fd = fd
         # TCP_NODELAY: replies are small and latency-bound; Nagle would hold them back.
@@ -329,57 +362,44 @@ cdef void on_acceptable(Loop *L, int listen_fd) noexcept nogil:
             log_refused(peer, strerror(errno))
             close(fd)
             continue
-        c = new Conn()
-        c.fd = fd
-        c.peer = peer
-        c.validated = False
-        c.closing = False
-        c.paused = False
-        c.dirty = False
-        c.need = 0
-        c.partial_since = 0
-        c.out_sent = 0
-        c.events = EPOLLIN
-        if L.by_fd.size() <= <size_t>fd:
-            L.by_fd.resize(fd + 1, NULL)
-        L.by_fd[fd] = c
+        if new_conn(L, fd, peer) == NULL:
+            log_refused(peer, "out of memory")
+            close(fd)  # which takes it out of the epoll set too
 
 
 # --- the loop thread ------------------------------------------------------
 
 cdef void sweep_slow_requests(Loop *L) noexcept nogil:
-    cdef char text[160]
-    cdef string reason
+    cdef char reason[ERROR_SIZE]
     cdef Conn *c
     cdef size_t fd
     L.last_sweep = L.now
     for fd in range(L.by_fd.size()):
         c = L.by_fd[fd]
         if c != NULL and c.partial_since and L.now - c.partial_since > L.request_timeout_ms:
-            snprintf(text, sizeof(text), "request still incomplete %.1f s after it began (%zu bytes buffered)",
-                     (L.now - c.partial_since) / 1000.0, c.inbuf.size())
-            reason.assign(<const char *>text)
+            snprintf(reason, sizeof(reason), "request still incomplete %.1f s after it began (%zu bytes buffered)",
+                     (L.now - c.partial_since) / 1000.0, c.inbuf.size)
             close_conn(L, c, reason)
 
 
 cdef void finish_pass(Loop *L) noexcept nogil:
-    cdef size_t i = 0
     cdef Conn *c
-    while i < L.dirty.size():  # a flush may resume a connection whose requests mark others dirty
-        c = L.dirty[i]
+    cdef bint closed
+    while L.dirty != NULL:  # a flush may resume a connection whose requests mark others dirty
+        c = L.dirty
+        L.dirty = c.next_dirty
         c.dirty = False
         if not c.closing:
             flush(L, c)
-        i += 1
-    L.dirty.clear()
-    for c in L.dead:
-        close(c.fd)
-        del c
-    if not L.dead.empty() and not L.accepting:
+    closed = L.dead != NULL
+    while L.dead != NULL:
+        c = L.dead
+        L.dead = c.next_dead
+        free_conn(c)
+    if closed and not L.accepting:
         L.reserve_fd = c_open(b"/dev/null", O_RDONLY | FCNTL_O_CLOEXEC)
         if L.reserve_fd >= 0:
             set_accepting(L, True)
-    L.dead.clear()
 
 
 cdef bint is_listener(Loop *L, int fd) noexcept nogil:
@@ -396,14 +416,13 @@ cdef void *run_loop(void *arg) noexcept nogil:
     cdef uint32_t ev
     cdef uint64_t drained
     cdef Conn *c
-    cdef string line
+    cdef char line[LOG_LINE_SIZE]
     while True:
         n = epoll_wait(L.epfd, events, MAX_EVENTS, SWEEP_INTERVAL_MS if L.partial_conns else -1)
         if n < 0:
             if errno == EINTR:
                 continue
-            line.assign(b"event loop stopped: epoll_wait: ")
-            line.append(strerror(errno))
+            snprintf(line, sizeof(line), "event loop stopped: epoll_wait: %s", strerror(errno))
             log_line(b'E', line)
             return NULL
         pthread_mutex_lock(&L.lock)
@@ -423,7 +442,7 @@ cdef void *run_loop(void *arg) noexcept nogil:
                 if ev & EPOLLIN:
                     on_readable(L, c)
                 elif ev & (EPOLLERR | EPOLLHUP):
-                    close_conn(L, c, string())
+                    close_conn(L, c, NULL)
                 if ev & EPOLLOUT and not c.closing:
                     flush(L, c)
         if L.partial_conns and L.now - L.last_sweep >= SWEEP_INTERVAL_MS:

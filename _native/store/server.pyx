@@ -62,9 +62,18 @@ cdef int open_listener(const addrinfo *ai, const sockaddr_storage *addr, bint v6
     return -EADDRINUSE
 
 
-cdef int bind_listeners(Loop *L, const char *host, int port, string *error, int *code) noexcept nogil:
+cdef bint any_equal(const vector[string] &items, const string &item) noexcept nogil:
+    cdef size_t i
+    for i in range(items.size()):
+        if items[i] == item:
+            return True
+    return False
+
+
+cdef int bind_listeners(Loop *L, const char *host, int port, char *error, int *code) noexcept nogil:
     """Listen on every address host resolves to, all on one port (port 0: the kernel picks
-    it for the first address). Returns the port, or -1 with error (and code: errno or 0)."""
+    it for the first address). Returns the port, or -1 with error (ERROR_SIZE bytes) and code
+    (errno, or 0 for a resolver error)."""
     cdef addrinfo hints
     cdef addrinfo *found = NULL
     cdef addrinfo *ai
@@ -82,7 +91,7 @@ cdef int bind_listeners(Loop *L, const char *host, int port, string *error, int 
     code[0] = 0
     rc = getaddrinfo(host, service, &hints, &found)
     if rc != 0:
-        error.assign(gai_strerror(rc))
+        snprintf(error, ERROR_SIZE, "%s", gai_strerror(rc))
         return -1
     ai = found
     while ai != NULL:
@@ -92,7 +101,9 @@ cdef int bind_listeners(Loop *L, const char *host, int port, string *error, int 
     while ai != NULL:
         memcpy(&addr, ai.ai_addr, ai.ai_addrlen)
         set_port(&addr, port)
-        this_addr.assign(<const char *>&addr, ai.ai_addrlen)
+        if not string_assign(this_addr, <const char *>&addr, ai.ai_addrlen):
+            code[0] = ENOMEM
+            break
         if any_equal(bound, this_addr):  # the same address listed twice (/etc/hosts)
             ai = ai.ai_next
             continue
@@ -111,14 +122,19 @@ cdef int bind_listeners(Loop *L, const char *host, int port, string *error, int 
                 code[0] = errno
                 close(fd)
                 break
-        L.listen_fds.push_back(fd)
-        bound.push_back(this_addr)
+        if not vector_push_back(L.listen_fds, fd):
+            code[0] = ENOMEM
+            close(fd)
+            break
+        if not push_back_moved(bound, this_addr):
+            code[0] = ENOMEM
+            break
         ai = ai.ai_next
     freeaddrinfo(found)
     if code[0] == 0 and L.listen_fds.empty():
         code[0] = skipped
     if code[0] != 0:
-        error.assign(strerror(code[0]))
+        snprintf(error, ERROR_SIZE, "%s", strerror(code[0]))
         return -1
     return port
 
@@ -146,7 +162,7 @@ cdef class Server:
 
     def __init__(self, str host, int port=0, max_value_size=1 << 30, *, double request_timeout=60.0):
         cdef Loop *L = self.loop
-        cdef string error
+        cdef char error[ERROR_SIZE]
         cdef int code = 0, bound = -1
         cdef epoll_event ev
         cdef sigset_t all_signals, previous
@@ -162,13 +178,14 @@ cdef class Server:
             raise ValueError(f"request_timeout must be positive, got {request_timeout}")
         self.host = host
         L.max_value = max_value_size
+        L.max_request = request_limit(L.max_value)
         L.request_timeout_ms = <int64_t>(request_timeout * 1000)
         raise_open_file_limit()
         # With port 0 the kernel picks a port free on the first address only; another address
         # may have it taken. Rare: pick again.
         for _ in range(8):
             with nogil:
-                bound = bind_listeners(L, host_c, port, &error, &code)
+                bound = bind_listeners(L, host_c, port, error, &code)
             if bound >= 0 or port != 0 or code != EADDRINUSE:
                 break
             self._close_listeners()
@@ -253,27 +270,31 @@ cdef class Server:
         cdef int status = OK, err = 0
         cdef int64_t value = 0
         cdef int64_t deadline = deadline_after(timeout)
-        cdef bint closed
-        cdef Waiter watch  # registered only while this call waits, so it can live on the stack
-        watch.conn = NULL
+        cdef bint closed, out_of_memory = False
+        cdef Waiter watch  # in line only while this call waits, so it can live on the stack
+        cdef Registration place
+        memset(&watch, 0, sizeof(watch))
         watch.counting = True
-        watch.missing = 0
         watch.target = count
-        watch.keys.push_back(wire_key)
+        watch.regs = &place
         watch.notify_fd = check(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK), "eventfd")
         with nogil:
             pthread_mutex_lock(&L.lock)
             closed = L.stopping
             if not closed and not (read_count(L, wire_key, &value) and value >= count):
-                L.count_waiters[wire_key].push_back(&watch)
-                pthread_mutex_unlock(&L.lock)
-                status = wait_io(watch.notify_fd, POLLIN, interrupt_fd, deadline, &err)
-                pthread_mutex_lock(&L.lock)
-                unregister(L, &watch)
-                closed = L.stopping
-                read_count(L, wire_key, &value)
+                if register(&watch, &L.count_waiters, wire_key):
+                    pthread_mutex_unlock(&L.lock)
+                    status = wait_io(watch.notify_fd, POLLIN, interrupt_fd, deadline, &err)
+                    pthread_mutex_lock(&L.lock)
+                    unregister(L, &watch)
+                    closed = L.stopping
+                    read_count(L, wire_key, &value)
+                else:
+                    out_of_memory = True
             pthread_mutex_unlock(&L.lock)
         close(watch.notify_fd)
+        if out_of_memory:
+            raise MemoryError(f"no memory to wait for {key!r} to reach {count}")
         if status == INTERRUPTED:
             raise StoreInterrupted(f"waiting for {key!r} to reach {count} interrupted: "
                                    f"interrupt_fd {interrupt_fd} became readable")
@@ -305,18 +326,22 @@ cdef bint read_count(Loop *L, const string &key, int64_t *value) noexcept nogil:
     return it != L.kv.end() and parse_int(deref(it).second, value)
 
 
+cdef inline bint starts_with(const string &text, const string &prefix) noexcept nogil:
+    return text.size() >= prefix.size() and memcmp(text.data(), prefix.data(), prefix.size()) == 0
+
+
 cdef void drop_all_but(Loop *L, const string &prefix) noexcept nogil:
     """Drop every key and queue, but those whose name starts with a non-empty prefix."""
     cdef unordered_map[string, string].iterator kv = L.kv.begin()
     cdef unordered_map[string, deque[string]].iterator q = L.queues.begin()
     cdef bint keep_some = not prefix.empty()
     while kv != L.kv.end():
-        if keep_some and deref(kv).first.compare(0, prefix.size(), prefix) == 0:
+        if keep_some and starts_with(deref(kv).first, prefix):
             inc(kv)
         else:
             kv = L.kv.erase(kv)
     while q != L.queues.end():
-        if keep_some and deref(q).first.compare(0, prefix.size(), prefix) == 0:
+        if keep_some and starts_with(deref(q).first, prefix):
             inc(q)
         else:
             q = L.queues.erase(q)
