@@ -6,10 +6,11 @@ One loop per launcher process (one per node)::
         every worker exited 0          -> exit barrier with the other nodes, done
         a worker failed                -> stop the group; restart while restarts remain, else report
         a node waits to join           -> stop the group, restart with it
+        a node was lost                -> stop the group, restart without it (not counted as a restart)
         a handled signal               -> forward it, give the workers the shutdown timeout, exit 128+signum
 
 The agent never polls: it sleeps in the supervisor's event loop, which wakes
-on a worker exit, a signal, or the rendezvous' "node waiting" descriptor.
+on a worker exit, a signal, or the rendezvous' membership descriptor.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from launcher import LOCAL_RANK_MACRO
 from launcher.config import LaunchConfig
 from launcher.errors import ERROR_FILE_ENV, Failure, SignalException
 from launcher.logs import AttemptLogs
-from launcher.rendezvous import RendezvousHandler, RendezvousInfo
+from launcher.rendezvous import RendezvousError, RendezvousHandler, RendezvousInfo
 from launcher.store import StoreInterrupted
 from launcher.supervisor import EventKind, SignalWatch, WorkerExit, WorkerGroup, WorkerLaunch
 
@@ -43,7 +44,7 @@ class Outcome(Enum):
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    MEMBERSHIP_CHANGED = "membership_changed"  # a node waits to join: restart with it
+    MEMBERSHIP_CHANGED = "membership_changed"  # a node waits to join, or one was lost: restart with the others
 
 
 class AgentEvent(Enum):
@@ -52,6 +53,7 @@ class AgentEvent(Enum):
     WORKERS_STARTED = "workers_started"
     WORKERS_SUCCEEDED = "workers_succeeded"
     WORKERS_FAILED = "workers_failed"
+    NODE_LOST = "node_lost"
 
 
 @dataclass
@@ -80,16 +82,13 @@ class Ranks:
 
     @classmethod
     def of(cls, info: RendezvousInfo) -> "Ranks":
-        me = info.nodes[info.rank]
-        earlier = info.nodes[: info.rank]
-        same_role = [node for node in info.nodes if node.role == me.role]
         return cls(
             group_rank=info.rank,
             group_world_size=info.world_size,
-            world_size=sum(node.local_world_size for node in info.nodes),
-            base_rank=sum(node.local_world_size for node in earlier),
-            role_rank_base=sum(node.local_world_size for node in earlier if node.role == me.role),
-            role_world_size=sum(node.local_world_size for node in same_role),
+            world_size=info.workers.world_size,
+            base_rank=info.workers.base_rank,
+            role_rank_base=info.workers.role_base_rank,
+            role_world_size=info.workers.role_world_size,
         )
 
 
@@ -137,7 +136,7 @@ class Agent:
                 AgentEvent.WORKERS_STARTED, round=info.round, group_rank=ranks.group_rank, world_size=ranks.world_size
             )
             group.start()
-            outcome, failed = self._monitor(group)
+            outcome, failed = self._monitor(group, info)
             if outcome is Outcome.SUCCEEDED:
                 self._event(AgentEvent.WORKERS_SUCCEEDED, round=info.round)
                 result = RunResult(
@@ -158,8 +157,6 @@ class Agent:
                     self.config.max_restarts,
                 )
                 remaining_restarts -= 1
-            else:
-                log.warning("[%s] a node is waiting to join; restarting the worker group with it", self.config.role)
             self.restart_count += 1
 
     def _rendezvous(self) -> RendezvousInfo:
@@ -172,9 +169,9 @@ class Agent:
         signum = self.signals.read()
         return signal.Signals(signum if signum is not None else signal.SIGTERM)
 
-    def _monitor(self, group: WorkerGroup) -> tuple[Outcome, list[WorkerExit]]:
-        """Wait for the group to succeed, fail, or be overtaken by a node waiting to join."""
-        # readable when a node waits to join: a newcomer below MAX, or a member that restarted
+    def _monitor(self, group: WorkerGroup, info: RendezvousInfo) -> tuple[Outcome, list[WorkerExit]]:
+        """Wait for the group to succeed, fail, or be overtaken by a change of the round's membership."""
+        # readable when the membership may have changed: a node waits to join, or a member was lost
         watch = [self.handler.waiting_fd()]
         while True:
             event = group.wait(watch_fds=watch)
@@ -190,9 +187,32 @@ class Agent:
                 log.warning("received %s: forwarding it to the workers", sig.name)
                 group.stop(first_signal=sig)
                 raise SignalException(f"Process {os.getpid()} got signal: {sig.value}", sig)
-            elif event.kind is EventKind.FD and self.handler.num_nodes_waiting() > 0:
-                group.stop()
+            elif event.kind is EventKind.FD and self._membership_changed(group, info):
                 return Outcome.MEMBERSHIP_CHANGED, []
+
+    def _membership_changed(self, group: WorkerGroup, info: RendezvousInfo) -> bool:
+        """Whether a node waits to join or a member was lost; if so the group is stopped.
+
+        A lost member is not a failure: the group restarts without it, whatever restarts are left.
+        """
+        try:
+            waiting = self.handler.num_nodes_waiting()  # first: it consumes the descriptor's notification
+            lost = self.handler.lost_nodes()
+        except StoreInterrupted:
+            return False  # a signal: the next wait reports it
+        except RendezvousError:
+            group.stop()  # the job cannot go on (a static node lost, the store gone): end the workers first
+            raise
+        if lost:
+            log.warning("[%s] lost node(s) %s; restarting the worker group without them", self.config.role,
+                        ", ".join(lost))
+            self._event(AgentEvent.NODE_LOST, round=info.round, lost_nodes=lost)
+        elif waiting:
+            log.warning("[%s] a node is waiting to join; restarting the worker group with it", self.config.role)
+        else:
+            return False
+        group.stop()
+        return True
 
     def _worker_launches(self, info: RendezvousInfo, ranks: Ranks, attempt_logs: AttemptLogs) -> list[WorkerLaunch]:
         bindings = self._numa_bindings()
