@@ -1,5 +1,6 @@
 """The pytest fixtures more than one test module uses (the shared functions are in helpers.py)."""
 import os
+import signal
 import subprocess
 
 import pytest
@@ -64,3 +65,14 @@ def handlers():
     yield made
     for handler in reversed(made):
         handler.shutdown()
+
+
+@pytest.fixture
+def launchers():
+    """Launcher processes a test started (it appends them): SIGKILLed after it, those still running."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
