@@ -416,6 +416,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
             done = kv.get(_done_key(round))  # completed by a node that took over (we seemed dead)
             if done is not None:
                 return done, deadline
+            now = time.monotonic()
+            quiet = now < status_at and now + settings.keep_alive_interval < deadline  # no line, no deadline due
+            if quiet and kv.news(round) < settings.min_nodes:
+                # Fewer joins than the minimum: who they are is not needed yet.
+                kv.wait_news(round, settings.min_nodes - 1, min(settings.keep_alive_interval, status_at - now))
+                continue
             view = self._view(round)
             done, last_call_left = self._advance(round, view)
             if done is not None:
