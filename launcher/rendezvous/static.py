@@ -112,11 +112,6 @@ class StaticRendezvousHandler(RendezvousHandler):
         deadline = started + self._timeout
         if self._kv is None:
             self._connect_first(started, deadline)
-        if self._heartbeat is None and self._nnodes > 1:  # alone, no node would watch it
-            self._kv.heartbeat(self._record["id"])
-            self._heartbeat = Heartbeat(self._connect, self._record["id"], self._interval, self._liveness,
-                                        self._heartbeat_timeout, self._membership.signal)
-            self._heartbeat.start()
         kv = self._kv
         round = max(0 if self._round is None else self._round + 1, kv.open_round())
         record = json.dumps(self._record, separators=(",", ":")).encode()
@@ -143,6 +138,11 @@ class StaticRendezvousHandler(RendezvousHandler):
         arrived = sorted(self._arrived(round), key=lambda r: r["rank"])
         self._round = round
         if self._nnodes > 1:  # the ring: each node's heartbeat watches the next node's
+            if self._heartbeat is None:  # from the first round on (before it, nobody watches)
+                kv.heartbeat(self._record["id"])
+                self._heartbeat = Heartbeat(self._connect, self._record["id"], self._interval, self._liveness,
+                                            self._heartbeat_timeout, self._membership.signal)
+                self._heartbeat.start()
             watched = arrived[(self._rank + 1) % self._nnodes]
             self._heartbeat.watch(round, watched["id"], json.dumps(watched).encode())
         self._membership.watch(self._connect, round + 1, STATUS_INTERVAL * 12)
