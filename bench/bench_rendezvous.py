@@ -12,9 +12,10 @@ The figures:
 - wall time from go until the last agent returned;
 - the store host's CPU time (its server thread's, from /proc) and the bytes it sent over the
   round (TCP_INFO of each of its connections): the protocol's cost where it is paid for all;
-- how those grow from the smallest to the largest N, beside the least a rendezvous can do,
-  whose requests per agent are constant by construction: linear growth. (On one machine the
-  kernel's share of a request, most of the host's CPU here, grows with the connections.)
+- how those grow from the smallest to the largest N (linear: by N_last / N_first), beside the
+  least a rendezvous can do. The smallest size is then measured as N_last / N_first rounds at
+  once on as many agents as the largest: most of the host's CPU here is the kernel's share of
+  each request, which grows with the connections and threads of the machine, not the protocol.
 
 Our agents heartbeat every KEEP_ALIVE seconds, longer than a round here, so that the
 per-period costs (a heartbeat and a check of one other member per node, see
