@@ -8,12 +8,14 @@ One loop per launcher process (one per node)::
         a worker hung (launcher.hangs) -> its stack, its end, then as a failed worker (no restart after
                                           a worker stuck in the kernel, as torchrun)
         a node waits to join           -> stop the group, restart with it
+        a node was lost                -> stop the group, restart without it (not counted as a restart)
         a handled signal               -> forward it, give the workers the shutdown timeout, exit 128+signum
         SIGUSR1 or SIGUSR2, if handled -> forward it, go on waiting (the workers decide what follows)
 
 The agent never polls: it sleeps in the supervisor's event loop, which wakes
-on a worker exit, a signal, the rendezvous' "node waiting" descriptor, a
-timer request, or when the hang watch has something due.
+on a worker exit, a signal, the rendezvous' membership descriptor (a node
+waiting to join, a member lost), a timer request, or when the hang watch has
+something due.
 
 Its events (launcher.events) come in torch's ``SimpleElasticAgent`` order:
 per round RENDEZVOUS, ASSIGN_WORKER_RANKS and START per worker; RESTARTING or
@@ -50,7 +52,7 @@ from launcher.errors import (
 from launcher.events import AgentEvent, EventLog, WorkerStatus
 from launcher.hangs import Ending, HangWatch
 from launcher.logs import AttemptLogs
-from launcher.rendezvous import RendezvousHandler, RendezvousInfo
+from launcher.rendezvous import RendezvousError, RendezvousHandler, RendezvousInfo
 from launcher.store import StoreInterrupted
 from launcher.supervisor import EventKind, SignalWatch, WorkerExit, WorkerGroup, WorkerLaunch
 
@@ -65,7 +67,7 @@ class Outcome(Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     FAILED_FOR_GOOD = "failed_for_good"  # a worker stuck in the kernel (D state): no restart, as torchrun
-    MEMBERSHIP_CHANGED = "membership_changed"  # a node waits to join: restart with it
+    MEMBERSHIP_CHANGED = "membership_changed"  # a node waits to join, or one was lost: restart with the others
 
 
 @dataclass
@@ -94,16 +96,13 @@ class Ranks:
 
     @classmethod
     def of(cls, info: RendezvousInfo) -> "Ranks":
-        me = info.nodes[info.rank]
-        earlier = info.nodes[: info.rank]
-        same_role = [node for node in info.nodes if node.role == me.role]
         return cls(
             group_rank=info.rank,
             group_world_size=info.world_size,
-            world_size=sum(node.local_world_size for node in info.nodes),
-            base_rank=sum(node.local_world_size for node in earlier),
-            role_rank_base=sum(node.local_world_size for node in earlier if node.role == me.role),
-            role_world_size=sum(node.local_world_size for node in same_role),
+            world_size=info.workers.world_size,
+            base_rank=info.workers.base_rank,
+            role_rank_base=info.workers.role_base_rank,
+            role_world_size=info.workers.role_world_size,
         )
 
 
@@ -177,7 +176,7 @@ class Agent:
             group.start()
             for local_rank, pid in group.pids().items():
                 self._worker_event(AgentEvent.START, ranks, local_rank, pid)
-            outcome, failed = self._monitor(group)
+            outcome, failed = self._monitor(group, info)
             if outcome is Outcome.SUCCEEDED:
                 result = RunResult(
                     return_values=self._return_values(attempt_logs, ranks), attempt_dir=attempt_logs.directory
@@ -206,9 +205,6 @@ class Agent:
                     failed_ranks=[failure.rank for failure in failures],
                 )
                 self.remaining_restarts -= 1
-            else:
-                log.warning("[%s] a node is waiting to join; restarting the worker group with it", self.config.role)
-                self._event(AgentEvent.MEMBERSHIP_CHANGED, num_nodes_waiting=self.handler.num_nodes_waiting())
             self.restart_count += 1
 
     def _rendezvous(self) -> tuple[RendezvousInfo, Ranks]:
@@ -232,14 +228,14 @@ class Agent:
         signum = self.signals.read()
         return signal.Signals(signum if signum is not None else signal.SIGTERM)
 
-    def _monitor(self, group: WorkerGroup) -> tuple[Outcome, list[WorkerExit]]:
-        """Wait for the group to succeed, fail, hang, or be overtaken by a node waiting to join.
+    def _monitor(self, group: WorkerGroup, info: RendezvousInfo) -> tuple[Outcome, list[WorkerExit]]:
+        """Wait for the group to succeed, fail, hang, or be overtaken by a change of the round's membership.
 
         The failed workers reported are those that failed by themselves and those the launcher ended
         (a hang, or past the shutdown timeout), with their stacks."""
-        # readable when a node waits to join: a newcomer below MAX, or a member that restarted
-        waiting_fd = self.handler.waiting_fd()
-        watch = [waiting_fd, *self.hangs.watch_fds()]
+        # readable when the membership may have changed: a node waits to join, or a member was lost
+        membership_fd = self.handler.waiting_fd()
+        watch = [membership_fd, *self.hangs.watch_fds()]
         while True:
             event = group.wait(timeout=self.hangs.timeout(), watch_fds=watch)
             if event.kind is EventKind.EXITED:
@@ -256,8 +252,7 @@ class Agent:
                 log.warning("received %s: forwarding it to the workers", sig.name)
                 group.stop(first_signal=sig)
                 raise SignalException(f"Process {os.getpid()} got signal: {sig.value}", sig)
-            elif event.kind is EventKind.FD and event.fd == waiting_fd and self.handler.num_nodes_waiting() > 0:
-                group.stop()
+            elif event.kind is EventKind.FD and event.fd == membership_fd and self._membership_changed(group, info):
                 return Outcome.MEMBERSHIP_CHANGED, []
             ending = self.hangs.check(group)
             if ending is not None:
@@ -273,6 +268,31 @@ class Agent:
         """Stop the group; ``failed`` and the workers the launcher ended meanwhile, which have a hang."""
         seen = {exit.local_rank for exit in failed}
         return failed + [exit for exit in group.stop() if exit.hang is not None and exit.local_rank not in seen]
+
+    def _membership_changed(self, group: WorkerGroup, info: RendezvousInfo) -> bool:
+        """Whether a node waits to join or a member was lost; if so the group is stopped.
+
+        A lost member is not a failure: the group restarts without it, whatever restarts are left.
+        """
+        try:
+            waiting = self.handler.num_nodes_waiting()  # first: it consumes the descriptor's notification
+            lost = self.handler.lost_nodes()
+        except StoreInterrupted:
+            return False  # a signal: the next wait reports it
+        except RendezvousError:
+            group.stop()  # the job cannot go on (a static node lost, the store gone): end the workers first
+            raise
+        if lost:
+            log.warning("[%s] lost node(s) %s; restarting the worker group without them", self.config.role,
+                        ", ".join(lost))
+            self._event(AgentEvent.NODE_LOST, round=info.round, lost_nodes=lost)
+        elif waiting:
+            log.warning("[%s] a node is waiting to join; restarting the worker group with it", self.config.role)
+            self._event(AgentEvent.MEMBERSHIP_CHANGED, num_nodes_waiting=waiting)
+        else:
+            return False
+        group.stop()
+        return True
 
     def _worker_launches(self, info: RendezvousInfo, ranks: Ranks, attempt_logs: AttemptLogs) -> list[WorkerLaunch]:
         bindings = self._numa_bindings()

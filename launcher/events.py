@@ -46,6 +46,7 @@ class AgentEvent(Enum):
     TERMINATED = "TERMINATED"  # a worker the agent stopped because another failed
     RESTARTING = "RESTARTING"  # ours: the group failed and restarts (raw_error: the root cause)
     MEMBERSHIP_CHANGED = "MEMBERSHIP_CHANGED"  # ours: a node waits to join; the group restarts with it
+    NODE_LOST = "NODE_LOST"  # ours: a member's heartbeats stopped; the group restarts without it (lost_nodes)
     HUNG = "HUNG"  # ours: a worker the launcher ended for a hang (raw_error: {"hang": why, "stack": where it was})
 
 

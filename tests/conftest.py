@@ -1,5 +1,6 @@
 """The pytest fixtures more than one test module uses (the shared functions are in helpers.py)."""
 import os
+import signal
 import subprocess
 
 import pytest
@@ -113,3 +114,14 @@ def pytest_runtest_makereport(item, call):
     cluster = getattr(item, "funcargs", {}).get("slurm_cluster")
     if report.failed and cluster is not None:
         report.sections.append(("Slurm cluster logs", cluster.logs()))
+
+
+@pytest.fixture
+def launchers():
+    """Launcher processes a test started (it appends them): SIGKILLed after it, those still running."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()

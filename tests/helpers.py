@@ -214,6 +214,27 @@ def node_addr(i):
     return f"127.0.0.{i + 2}"
 
 
+def rdzv_options(backend, nodes, node, endpoint, run_id, conf, min_nodes=None):
+    """Node ``node``'s rendezvous options in a job of ``nodes`` nodes (MIN:MAX with ``min_nodes``);
+    with c10d node 0 hosts the store, whichever node a test kills. ``conf``: --rdzv-conf of c10d and etcd."""
+    nnodes = f"{min_nodes}:{nodes}" if min_nodes else str(nodes)
+    if backend == "static":
+        host, port = endpoint.rsplit(":", 1)
+        return [f"--nnodes={nnodes}", "--rdzv-backend=static", f"--node-rank={node}", f"--master-addr={host}",
+                f"--master-port={port}"]
+    if backend == "c10d":
+        conf += f",is_host={'true' if node == 0 else 'false'}"
+    return [f"--nnodes={nnodes}", f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
+            f"--rdzv-conf={conf}"]
+
+
+def rdzv_endpoint(backend, request):
+    """Where the nodes of a test meet: the module's etcd (the etcd_server fixture), else node 0's address."""
+    if backend == "etcd":
+        return request.getfixturevalue("etcd_server").endpoint
+    return f"{node_addr(0)}:{free_port()}"
+
+
 def together(calls, timeout=60):
     """Run calls concurrently, as nodes do; their results in order."""
     with ThreadPoolExecutor(len(calls)) as pool:

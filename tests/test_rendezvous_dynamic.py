@@ -309,6 +309,30 @@ def test_a_killed_node_is_dropped_and_the_survivors_carry_on(rdzv, processes):
     assert len({tuple(r["master"]) for r in second}) == 1
 
 
+def test_a_killed_member_is_reported_lost_to_the_others_while_they_run(rdzv, handlers, processes):
+    """No next_rendezvous() after the kill: the running members learn of it through waiting_fd()."""
+    running = [create_handler(rdzv(i, 2, 3)) for i in range(2)]
+    handlers += running
+    victim = NodeProcess(rdzv(2, 2, 3))
+    processes.append(victim)
+    victim.send("next")
+    together([h.next_rendezvous for h in running])
+    assert len(victim.read(30)["nodes"]) == 3
+    fds = [h.waiting_fd() for h in running]
+    assert not select.select(fds, [], [], 0)[0]
+    victim.kill()
+    started = time.monotonic()
+    for handler, fd in zip(running, fds):
+        assert select.select([fd], [], [], 20)[0], "waiting_fd never became readable"
+        assert handler.num_nodes_waiting() == 0  # a loss, not a node waiting
+        assert handler.lost_nodes() == [node_addr(2)]
+    # Dead 2 s after its last heartbeat, found so by two checks 1 s apart; a generous margin.
+    assert time.monotonic() - started < 10
+    survivors = together([h.next_rendezvous for h in running])
+    check_round(survivors, 2)
+    assert node_addr(2) not in [n.addr for n in survivors[0].nodes]
+
+
 def test_losing_the_c10d_store_host_fails_with_one_line(processes):
     endpoint = f"127.0.0.1:{free_port()}"
 

@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from helpers import WORKERS, finish, free_port, node_addr, start_launcher
+from helpers import WORKERS, finish, free_port, node_addr, rdzv_endpoint, rdzv_options, start_launcher
 
 # Records its view of the world, all-reduces once; until the world has the size
 # the test waits for, it keeps all-reducing (so a lost or joining node ends it).
@@ -50,16 +50,6 @@ def worker(tmp_path):
     return path
 
 
-@pytest.fixture
-def launchers():
-    started = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-
-
 def launch(launchers, worker, node: int, final_world: int, *options) -> subprocess.Popen:
     proc = start_launcher(f"--nproc-per-node={NPROC}", f"--local-addr={node_addr(node)}", "--monitor-interval=0.2",
                           *options, worker, worker.parent / "out", final_world)
@@ -90,31 +80,12 @@ def check_world(found, nodes, restart_counts=("0",)):
         assert int(r["RANK"]) == int(r["GROUP_RANK"]) * NPROC + int(r["LOCAL_RANK"])
 
 
-def rdzv_options(backend, nodes, node, endpoint, run_id, min_nodes=None):
-    nnodes = f"{min_nodes}:{nodes}" if min_nodes else str(nodes)
-    if backend == "static":
-        host, port = endpoint.rsplit(":", 1)
-        return [f"--nnodes={nnodes}", "--rdzv-backend=static", f"--node-rank={node}", f"--master-addr={host}",
-                f"--master-port={port}"]
-    conf = CONF
-    if backend == "c10d":
-        conf += f",is_host={'true' if node == 0 else 'false'}"  # node 0 hosts, whoever is killed
-    return [f"--nnodes={nnodes}", f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
-            f"--rdzv-conf={conf}"]
-
-
-def endpoint_for(backend, request):
-    if backend == "etcd":
-        return request.getfixturevalue("etcd_server").endpoint
-    return f"{node_addr(0)}:{free_port()}"
-
-
 @pytest.mark.parametrize("backend", ["static", "c10d", "etcd"])
 @pytest.mark.parametrize("nodes", [2, 3])
 def test_nodes_run_a_gloo_job_together(request, launchers, worker, backend, nodes):
-    endpoint, run_id = endpoint_for(backend, request), uuid.uuid4().hex
+    endpoint, run_id = rdzv_endpoint(backend, request), uuid.uuid4().hex
     world = nodes * NPROC
-    procs = [launch(launchers, worker, n, world, *rdzv_options(backend, nodes, n, endpoint, run_id))
+    procs = [launch(launchers, worker, n, world, *rdzv_options(backend, nodes, n, endpoint, run_id, CONF))
              for n in range(nodes)]
     all_succeed(procs)
     check_world(records(worker, nodes), nodes)
@@ -122,10 +93,10 @@ def test_nodes_run_a_gloo_job_together(request, launchers, worker, backend, node
 
 @pytest.mark.parametrize("backend", ["c10d", "etcd"])
 def test_a_killed_node_leaves_the_survivors_to_restart_and_finish(request, launchers, worker, backend):
-    endpoint, run_id = endpoint_for(backend, request), uuid.uuid4().hex
+    endpoint, run_id = rdzv_endpoint(backend, request), uuid.uuid4().hex
     procs = [
         launch(launchers, worker, n, 2 * NPROC, "--max-restarts=1",
-               *rdzv_options(backend, 3, n, endpoint, run_id, min_nodes=2))
+               *rdzv_options(backend, 3, n, endpoint, run_id, CONF, min_nodes=2))
         for n in range(3)
     ]
     deadline = time.monotonic() + 120
@@ -140,14 +111,14 @@ def test_a_killed_node_leaves_the_survivors_to_restart_and_finish(request, launc
 
 @pytest.mark.parametrize("backend", ["c10d", "etcd"])
 def test_a_joining_node_restarts_the_job_at_the_larger_size(request, launchers, worker, backend):
-    endpoint, run_id = endpoint_for(backend, request), uuid.uuid4().hex
-    first = launch(launchers, worker, 0, 2 * NPROC, *rdzv_options(backend, 2, 0, endpoint, run_id, min_nodes=1))
+    endpoint, run_id = rdzv_endpoint(backend, request), uuid.uuid4().hex
+    first = launch(launchers, worker, 0, 2 * NPROC, *rdzv_options(backend, 2, 0, endpoint, run_id, CONF, min_nodes=1))
     deadline = time.monotonic() + 120
     while len(records(worker, 1)) < NPROC:  # running alone
         assert time.monotonic() < deadline, "the first node never started"
         time.sleep(0.2)
     check_world(records(worker, 1), 1)
-    second = launch(launchers, worker, 1, 2 * NPROC, *rdzv_options(backend, 2, 1, endpoint, run_id, min_nodes=1))
+    second = launch(launchers, worker, 1, 2 * NPROC, *rdzv_options(backend, 2, 1, endpoint, run_id, CONF, min_nodes=1))
     all_succeed([first, second])
     # The first node restarted (its restart count is 1), the second started fresh.
     check_world(records(worker, 2), 2, restart_counts=("0", "1"))

@@ -8,11 +8,18 @@ One handler per agent. ``create_handler`` picks the backend:
 - ``etcd``: the same elastic rendezvous with its state in etcd (v3 API over
   etcd's HTTP/JSON gateway).
 
-Every round returns a :class:`RendezvousInfo`: this node's group rank, every
-node's address and local world size, and the workers' store (``MASTER_ADDR``
-/ ``MASTER_PORT``), which is fresh for every round of c10d and etcd and
-cleared between rounds for static, so a restarted attempt never sees the
-keys of the previous one.
+Every round returns a :class:`RendezvousInfo`: this node's group rank, where
+its workers' ranks start (:class:`WorkerRanks`), and the workers' store
+(``MASTER_ADDR`` / ``MASTER_PORT``), which is fresh for every round of c10d
+and etcd and cleared between rounds for static, so a restarted attempt never
+sees the keys of the previous one. Every node's address and local world size
+(``RendezvousInfo.nodes``) are read on demand: a round of thousands of nodes
+does not send each of them the whole list.
+
+While a round runs, ``waiting_fd()`` wakes the agent when the membership may
+have changed: a node waits to join (``num_nodes_waiting()``), or a member was
+lost (``lost_nodes()``: its heartbeats stopped for ``keep_alive_interval`` x
+``keep_alive_max_attempt``, or it left).
 
 The backends' names, options (``--rdzv-conf``) and endpoint syntax are in
 ``options.py``, which the command line checks its values with. The handlers
@@ -24,7 +31,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, Callable
 
 from launcher.rendezvous.options import BACKENDS, backend_config
 
@@ -37,7 +45,9 @@ __all__ = [
     "RendezvousInfo",
     "RendezvousParameters",
     "RendezvousTimeoutError",
+    "WorkerRanks",
     "create_handler",
+    "worker_ranks",
 ]
 
 
@@ -80,18 +90,45 @@ class NodeInfo:
     role: str
 
 
+@dataclass(frozen=True)
+class WorkerRanks:
+    """Where one node's workers sit among every node's: what their RANK, WORLD_SIZE and ROLE_* derive from."""
+
+    world_size: int  # every node's workers together (WORLD_SIZE)
+    base_rank: int  # the global rank of the node's local rank 0
+    role_base_rank: int  # the same among the nodes of its role
+    role_world_size: int  # the workers of the nodes of its role
+
+
+def worker_ranks(nodes: list[NodeInfo]) -> list[WorkerRanks]:
+    """Every node's WorkerRanks, by group rank: its workers follow those of the nodes before it."""
+    world_size = sum(node.local_world_size for node in nodes)
+    role_sizes: dict[str, int] = {}
+    for node in nodes:
+        role_sizes[node.role] = role_sizes.get(node.role, 0) + node.local_world_size
+    ranks, base, role_bases = [], 0, dict.fromkeys(role_sizes, 0)
+    for node in nodes:
+        ranks.append(WorkerRanks(world_size, base, role_bases[node.role], role_sizes[node.role]))
+        base += node.local_world_size
+        role_bases[node.role] += node.local_world_size
+    return ranks
+
+
 @dataclass
 class RendezvousInfo:
     round: int
     rank: int  # this node's group rank
-    nodes: list[NodeInfo]  # by group rank; the group world size is len(nodes)
+    world_size: int  # nodes in the round: the group world size
+    workers: WorkerRanks  # this node's
     master_addr: str  # the workers' store (MASTER_ADDR / MASTER_PORT)
     master_port: int
     store: Any  # launcher.store.PrefixStore over the workers' store, for the agents of this round
+    read_nodes: Callable[[], list[NodeInfo]] = field(repr=False, compare=False)
 
-    @property
-    def world_size(self) -> int:
-        return len(self.nodes)
+    @cached_property
+    def nodes(self) -> list[NodeInfo]:
+        """Every node of the round, by group rank; read from the rendezvous' state on first use."""
+        return self.read_nodes()
 
 
 class RendezvousHandler(ABC):
@@ -112,15 +149,25 @@ class RendezvousHandler(ABC):
     def num_nodes_waiting(self) -> int:
         """Nodes waiting to join the next round (they would make the group restart).
 
-        Also consumes the notification of ``waiting_fd()``.
+        Also consumes the notification of ``waiting_fd()``: call it before ``lost_nodes()``.
+        """
+
+    @abstractmethod
+    def lost_nodes(self) -> list[str]:
+        """The members of this node's round lost since it completed, by address: their heartbeats
+        stopped for the keep-alive bound, or they left. The others restart without them.
+
+        Raises RendezvousError when the job cannot go on: a static job's lost node, or the store
+        (or etcd) that this node's own heartbeats have not reached for the keep-alive bound.
         """
 
     @abstractmethod
     def waiting_fd(self) -> int:
-        """A file descriptor that is readable once a node has started waiting.
+        """A file descriptor that is readable once the round's membership may have changed: a node
+        started waiting, a member was reported lost, or this node's heartbeats stopped reaching the store.
 
         It stays readable until ``num_nodes_waiting()`` is called, and becomes
-        readable again when another node starts waiting.
+        readable again with the next change.
         """
 
     @abstractmethod

@@ -1,14 +1,23 @@
 """What a handler runs beside the agent: daemon threads, each on a connection of its own.
 
-``WaitingNodes`` is a handler's ``waiting_fd()``: a pipe that an
-``ArrivalWatcher`` thread makes readable when a node joins the round after
-the current one.
+``MembershipWatch`` is a handler's ``waiting_fd()``: a pipe made readable by
+a ``NewsWatcher`` thread when the round after the current one has news (a
+node joined it, or a member of the current round was reported lost), and by
+the node's ``Heartbeat`` thread.
+
+The heartbeat is also how members are found lost. The members of a round
+form a ring, each watching the next one's heartbeat, so that each keep-alive
+period the store serves a constant number of small requests per node, however
+many nodes there are: the member that finds the next one dead or gone reports
+it once, as news of the round after, which every other member's watcher is
+waiting for.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 
 from launcher.rendezvous import RendezvousError
 from launcher.rendezvous.keyvalue import Connect
@@ -66,8 +75,73 @@ class BackgroundThread(threading.Thread):
         self._wake.close()
 
 
-class ArrivalWatcher(BackgroundThread):
-    """Sets ``notify`` whenever a node joins ``round`` (the round after ours)."""
+class Heartbeat(BackgroundThread):
+    """Marks this node alive every keep-alive interval; while a round runs, watches one other member.
+
+    The watched member is reported lost (``KeyValueBackend.report_lost``, in
+    the round after the watched one) when two checks an interval apart find it
+    dead or gone: a heartbeat that is only late is no loss. ``notify`` is set
+    when this thread reports a loss, and when this node's own heartbeats have
+    not reached the store for the liveness bound (``unreachable`` says why; by
+    then the others count this node dead).
+    """
+
+    def __init__(self, connect: Connect, node_id: str, interval: float, liveness: float, timeout: float,
+                 notify: Signal):
+        super().__init__(connect, timeout, f"rendezvous-heartbeat-{node_id}")
+        self._node_id = node_id
+        self._interval = interval
+        self._liveness = liveness
+        self._notify = notify
+        self._lock = threading.Lock()
+        self._watched: tuple[int, str, bytes] | None = None  # (round, node id, its record for the report)
+        self._missing = False  # the last check found the watched member dead or gone
+        self.unreachable: str | None = None
+
+    def watch(self, round: int, node_id: str, record: bytes) -> None:
+        """Watch ``node_id``, a member of ``round``, until ``unwatch()``."""
+        with self._lock:
+            self._watched, self._missing = (round, node_id, record), False
+
+    def unwatch(self) -> None:
+        with self._lock:
+            self._watched = None
+
+    def run(self) -> None:
+        reached = time.monotonic()
+        while not self._stopping.wait(self._interval):
+            try:
+                self.kv.heartbeat(self._node_id)
+                reached, self.unreachable = time.monotonic(), None
+                self._check()
+            except StoreInterrupted:
+                return
+            except RendezvousError as exc:
+                if self.unreachable is None and time.monotonic() - reached >= self._liveness:
+                    self.unreachable = str(exc)
+                    self._notify.set()
+
+    def _check(self) -> None:
+        with self._lock:
+            watched = self._watched
+        if watched is None:
+            return
+        round, node_id, record = watched
+        missing = not self.kv.alive([node_id])
+        with self._lock:
+            if self._watched is not watched:
+                return  # the round ended meanwhile
+            confirmed, self._missing = missing and self._missing, missing
+            if confirmed:
+                self._watched = None  # reported once
+        if confirmed:
+            self.kv.report_lost(round + 1, node_id, record)
+            self._notify.set()
+
+
+class NewsWatcher(BackgroundThread):
+    """Sets ``notify`` whenever ``round`` (the round after ours) has news: a node joined it, or a member
+    of ours was reported lost; and once, when it loses its connection to the store."""
 
     def __init__(self, connect: Connect, round: int, notify: Signal, poll: float):
         super().__init__(connect, poll, f"rendezvous-watch-{round}")
@@ -79,39 +153,44 @@ class ArrivalWatcher(BackgroundThread):
         count = 0
         try:
             while not self._stopping.is_set():
-                now = self.kv.wait_joined(self._round, count, self._poll)
+                now = self.kv.wait_news(self._round, count, self._poll)
                 if now > count:
                     count = now
                     self._notify.set()
         except StoreInterrupted:
             return
         except RendezvousError as exc:
-            log.warning("rendezvous: stopped watching for waiting nodes: %s", exc)
+            # The agent looks at once: its own calls say whether the store is gone.
+            log.info("rendezvous: stopped watching for membership changes: %s", exc)
+            self._notify.set()
 
 
-class WaitingNodes:
-    """``fd`` is readable once a node has joined the watched round, until ``clear()``."""
+class MembershipWatch:
+    """``fd`` is readable once the membership of this node's round may have changed, until ``clear()``.
+
+    Set by a ``NewsWatcher`` (``watch()``) and by the node's ``Heartbeat`` (through ``signal``).
+    """
 
     def __init__(self):
-        self._signal = Signal()
-        self._watcher: ArrivalWatcher | None = None
+        self.signal = Signal()
+        self._watcher: NewsWatcher | None = None
 
     @property
     def fd(self) -> int:
-        return self._signal.fd
+        return self.signal.fd
 
     @property
     def watching(self) -> bool:
         return self._watcher is not None
 
     def watch(self, connect: Connect, round: int, poll: float) -> None:
-        """Watch ``round`` from a thread of its own (on a connection from ``connect``) until ``stop()``."""
+        """Watch ``round``'s news from a thread of its own (on a connection from ``connect``) until ``stop()``."""
         self.stop()
-        self._watcher = ArrivalWatcher(connect, round, self._signal, poll)
+        self._watcher = NewsWatcher(connect, round, self.signal, poll)
         self._watcher.start()
 
     def clear(self) -> None:
-        self._signal.clear()
+        self.signal.clear()
 
     def stop(self) -> None:
         """Stop the watcher thread, if one runs, and close its connection."""
@@ -122,4 +201,4 @@ class WaitingNodes:
 
     def close(self) -> None:
         self.stop()
-        self._signal.close()
+        self.signal.close()

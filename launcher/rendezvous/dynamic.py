@@ -1,17 +1,20 @@
 """The elastic rendezvous shared by the c10d and etcd backends.
 
 Rounds are numbered 0, 1, 2... A round is open until its ``done/<round>``
-record exists; that record (written once, by compare-and-set) lists the
-members in rank order. Round r+1 opens when round r completes, so a node
-that arrives while round r runs joins round r+1 at once: it is a waiting
-node, and the agents of round r see it through ``num_nodes_waiting()``.
+record exists (written once, by compare-and-set). Round r+1 opens when round
+r completes, so a node that arrives while round r runs joins round r+1 at
+once: it is a waiting node, and the agents of round r see it through
+``num_nodes_waiting()``.
 
-A node joins a round with one append to the round's join list (the backend
-tells it its position), then blocks on the round's ``done`` record. It only
-reads the shared state again when it has a reason to: its position reached
-the minimum or maximum, a last-call deadline passed, or a keep-alive interval
-went by (to notice dead nodes and print the status line). So a round of N
-nodes costs O(N) operations, not the O(N^2) of re-reading one shared blob.
+A node joins a round with one append to the round's join list. The first to
+join (by compare-and-set on ``coordinator/<round>``) completes the round: it
+alone reads the round's state, when the joins it waits for have arrived, when
+a last call ends, and once a keep-alive interval, and publishes what it sees
+in ``status/<round>`` for the others' status lines. The others only wait for
+the ``done`` record; once an interval each checks that the coordinator is
+alive, and the first to find it gone takes its place. So the store serves
+O(N) requests and bytes per round of N nodes, and per keep-alive period while
+it waits.
 
 A round completes (torch's dynamic rendezvous semantics) when:
 - every live member of the previous round has rejoined (a member whose agent
@@ -24,6 +27,18 @@ heartbeat is older than keep_alive_interval * keep_alive_max_attempt, or
 that left, is not counted. Ranks are stable: the previous round's members
 keep their order, newcomers follow in join order.
 
+The coordinator completes the round by writing, under its own id, each
+member's seat (``seat/<round>/<coordinator>/<node>``: its rank, where its
+workers' ranks start, and the member its heartbeat watches) and the member
+list (``members/<round>/<coordinator>``), then the small ``done`` record
+(node count, worker count, the workers' store, who wrote the seats). Each
+node reads the record and its own seat: nobody but the next coordinator reads
+the whole list, so a round's bytes grow linearly with its nodes.
+
+While a round runs, each member's heartbeat watches the next member by rank
+(a ring: background.py's Heartbeat) and reports it lost in the round after;
+every member's watcher sees that news and its agent restarts without it.
+
 Group rank 0 hosts the workers' store. Every node keeps a store server ready
 (its port is in its join record), so the members learn MASTER_ADDR/MASTER_PORT
 from the ``done`` record without another round trip; rank 0's server is closed
@@ -32,6 +47,7 @@ never sees the keys of the previous one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import select
@@ -42,13 +58,16 @@ from typing import Any, NamedTuple
 from launcher.rendezvous import (
     NodeInfo,
     RendezvousClosedError,
+    RendezvousConnectionError,
     RendezvousError,
     RendezvousHandler,
     RendezvousInfo,
     RendezvousParameters,
     RendezvousTimeoutError,
+    WorkerRanks,
+    worker_ranks,
 )
-from launcher.rendezvous.background import BackgroundThread, WaitingNodes
+from launcher.rendezvous.background import Heartbeat, MembershipWatch
 from launcher.rendezvous.keyvalue import (
     STATUS_INTERVAL,
     Connect,
@@ -97,13 +116,14 @@ class Settings:
 
 
 class Member(NamedTuple):
-    """A node in a round; encoded as a JSON array, which every node decodes fast."""
+    """A node in a round; encoded as a JSON array, which the coordinator decodes fast."""
 
     id: str  # unique per handler: addr_pid_random
     addr: str
     local_world_size: int
     role: str
     port: int  # of the workers' store this node hosts if it becomes rank 0
+    last_round: int  # the round this node last ran in (-1: none): a rejoining member, or a newcomer
 
     def encode(self) -> bytes:
         return json.dumps(self, separators=(",", ":")).encode()
@@ -120,64 +140,50 @@ def _deadline_key(round: int) -> str:
     return f"last_call/{round}"
 
 
+def _coordinator_key(round: int) -> str:
+    return f"coordinator/{round}"
+
+
+def _status_key(round: int) -> str:
+    return f"status/{round}"
+
+
+def _seat_key(round: int, coordinator: str, node: str) -> str:
+    return f"seat/{round}/{coordinator}/{node}"
+
+
+def _members_key(round: int, coordinator: str) -> str:
+    return f"members/{round}/{coordinator}"
+
+
 _NO_DEADLINE = b"none"
+_SHOWN_ADDRESSES = 8  # a status line names this many nodes, then counts the others
+_LEAVE_POLL = 0.05  # seconds between two looks at how many have left, while the nodes we serve finish
 
 
-def _left_key(round: int, node: str) -> str:
-    return f"left/{round}/{node}"
+def _addresses(members: list[Member]) -> str:
+    shown = ", ".join(m.addr for m in members[:_SHOWN_ADDRESSES]) or "none"
+    more = len(members) - _SHOWN_ADDRESSES
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
-# What left/<round>/<node> says: DONE, the node will ask nothing more of the rendezvous' store;
-# HOSTING, the node hosts that store and waits for the others (hosts share it: they need not
-# wait for each other).
-_DONE = b"done"
-_HOSTING = b"hosting"
-_LEAVE_POLL = 0.05  # seconds between two looks at who has left, while the nodes we serve finish
-
-
-def _decode_round(data: bytes) -> list[list] | None:
-    """The members of a completed round as rows of Member's fields; None when it is the closed marker.
-
-    Rows, not Members: every node decodes the whole list, and at scale making no
-    object per member but the NodeInfo the agent needs is what keeps it cheap.
-    """
-    record = json.loads(data)
-    if record.get("closed"):
-        return None
-    return record["nodes"]
-
-
-def _addresses(members: list) -> str:
-    return ", ".join(m[1] for m in members) or "none"  # Members or rows: addr is field 1
+def _read_members(kv: KeyValueBackend, round: int) -> list[Member]:
+    """The members of a completed round, by rank ([] if it never completed, or was the closing one)."""
+    done = kv.get(_done_key(round))
+    record = json.loads(done) if done else {}
+    if "by" not in record:
+        return []
+    return [Member._make(row) for row in json.loads(kv.get(_members_key(round, record["by"])))]
 
 
 @dataclass
 class _RoundView:
-    """What one read of the shared state says about an open round."""
+    """What one read of the shared state says about an open round (the coordinator's)."""
 
+    news: int  # joins and loss reports counted before the records were read
     live: list[Member]  # joined and alive, in join order
     pending: list[Member]  # live members of the previous round that have not rejoined
     no_place: bool  # we are a newcomer and the running round has max_nodes live members
-
-
-class _Heartbeat(BackgroundThread):
-    def __init__(self, connect: Connect, node_id: str, settings: Settings):
-        super().__init__(connect, settings.heartbeat_timeout, f"rendezvous-heartbeat-{node_id}")
-        self._node_id = node_id
-        self._interval = settings.keep_alive_interval
-
-    def run(self) -> None:
-        failing = False
-        while not self._stopping.wait(self._interval):
-            try:
-                self.kv.heartbeat(self._node_id)
-                failing = False
-            except StoreInterrupted:
-                return
-            except RendezvousError as exc:
-                if not failing:
-                    log.warning("rendezvous heartbeat failed: %s", exc)
-                failing = True
 
 
 class _LazyStore:
@@ -220,20 +226,22 @@ class DynamicRendezvousHandler(RendezvousHandler):
             local_world_size=params.local_world_size,
             role=params.role,
             port=0,
+            last_round=-1,
         )
         self._interrupt_fd = params.interrupt_fd
         self._kv = connect(params.interrupt_fd, settings.read_timeout)
         self._owned = owned or []  # closed with the handler: the c10d host's store
         self._closed = False
-        self._waiting = WaitingNodes()
+        self._membership = MembershipWatch()
         self._round: int | None = None  # the latest round this node is a member of
+        self._world_size = 0  # of that round
         self._next_round = 0  # the round to join next
-        self._members: list[list] = []  # rows of the round's done record
+        self._previous: tuple[int, list[Member]] = (-1, [])  # a completed round's members, as read last
         self._agent_store: _LazyStore | None = None
         # Ready before any round, so that joining costs neither a connection nor a server:
         # the heartbeat (this agent is alive from now until it leaves), and the server
         # this node hosts the workers' store on if it becomes rank 0.
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
         self._server: StoreServer | None = None
         self._serving = False  # the workers of the current round use self._server
         try:
@@ -257,67 +265,88 @@ class DynamicRendezvousHandler(RendezvousHandler):
         if self._server is None:  # the last round's workers used it: a fresh one
             self._server = self._listen()
         round = self._next_round
-        me = self._me._replace(port=self._server.port)
+        me = self._me._replace(port=self._server.port, last_round=-1 if self._round is None else self._round)
         try:
             while True:
                 # Joining a round that completed meanwhile costs little: its done record says so at once.
-                position = self._kv.join(round, me.id, me.encode())
-                log.debug("rendezvous '%s': joined round %d as #%d", self.run_id, round, position)
-                done, deadline = self._await_round(round, position, deadline, started)
-                members = _decode_round(done)
-                if members is None:
+                self._kv.join(round, me.id, me.encode())
+                coordinator = self._kv.compare_set(_coordinator_key(round), None, me.id.encode()).decode()
+                log.debug("rendezvous '%s': joined round %d (completed by %s)", self.run_id, round, coordinator)
+                done, deadline = self._await_round(round, coordinator, deadline, started)
+                record = json.loads(done)
+                if record.get("closed"):
                     raise RendezvousClosedError(
                         f"rendezvous '{self.run_id}' ({self._where}) is closed: the job finished "
                         "or its nodes shut down; start a new job with another --rdzv-id"
                     )
-                rank = next((i for i, row in enumerate(members) if row[0] == self._me.id), None)
-                if rank is not None:
+                seat = self._kv.get(_seat_key(round, record["by"], me.id))
+                if seat is not None:
                     break
                 round = max(round + 1, self._kv.open_round())  # completed without us
         except (RendezvousTimeoutError, RendezvousClosedError):
             self._leave(close_if_last=False)  # given up: do not let a round count on us
             raise
+        rank, base_rank, role_base_rank, role_world_size, watched = json.loads(seat)
         self._serving = rank == 0
-        self._round, self._members, self._next_round = round, members, round + 1
-        master = Member._make(members[0])
-        self._agent_store = _LazyStore(master.addr, master.port, settings.read_timeout, self._interrupt_fd)
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "rendezvous '%s' round %d complete: rank %d of %d nodes (%s) after %.1f s",
-                self.run_id, round, rank, len(members), _addresses(members), time.monotonic() - started,
-            )
+        self._round, self._world_size, self._next_round = round, record["nodes"], round + 1
+        master_addr, master_port = record["master"]
+        self._agent_store = _LazyStore(master_addr, master_port, settings.read_timeout, self._interrupt_fd)
+        if watched is not None:
+            self._heartbeat.watch(round, watched[0], json.dumps(watched).encode())
+        log.info(
+            "rendezvous '%s' round %d complete: rank %d of %d nodes (rank 0: %s) after %.1f s",
+            self.run_id, round, rank, record["nodes"], master_addr, time.monotonic() - started,
+        )
         return RendezvousInfo(
             round=round,
             rank=rank,
-            nodes=[NodeInfo(addr, size, role) for _, addr, size, role, _ in members],
-            master_addr=master.addr,
-            master_port=master.port,
+            world_size=record["nodes"],
+            workers=WorkerRanks(record["workers"], base_rank, role_base_rank, role_world_size),
+            master_addr=master_addr,
+            master_port=master_port,
             store=agents_store(round, self._agent_store),
+            read_nodes=functools.partial(self._read_nodes, round),
         )
 
     def num_nodes_waiting(self) -> int:
-        self._waiting.clear()
+        self._membership.clear()
         if self._round is None:
             return 0
-        records = self._records(self._round + 1)
+        round = self._round + 1
+        records = self._records(round)
         if not records:
             return 0
-        previous = {row[0] for row in self._members}
-        alive = self._kv.alive(list(previous | {r.id for r in records}))
-        full = len(previous & alive) >= self._settings.max_nodes
+        alive = self._kv.alive([r.id for r in records])
+        max_nodes = self._settings.max_nodes
         # While our round is full a newcomer cannot get in, so it is no reason
         # to restart (torch's redundancy list); a member that rejoined is.
+        full = self._world_size >= max_nodes and self._world_size - len(self._gone(round)) >= max_nodes
         return sum(
             1
             for r in records
-            if r.id in alive and r.id != self._me.id and (not full or r.id in previous)
+            if r.id in alive and r.id != self._me.id and (not full or r.last_round == self._round)
         )
+
+    def lost_nodes(self) -> list[str]:
+        heartbeat = self._heartbeat
+        if heartbeat is not None and heartbeat.unreachable is not None:
+            raise RendezvousConnectionError(
+                f"rendezvous '{self.run_id}': no heartbeat of this node reached the {self._where} for "
+                f"{self._settings.liveness:g} s ({heartbeat.unreachable})"
+            )
+        if self._round is None:
+            return []
+        lost: dict[str, str] = {}
+        for data in self._kv.lost(self._round + 1):
+            node, addr = json.loads(data)
+            lost.setdefault(node, addr)
+        return list(lost.values())
 
     def waiting_fd(self) -> int:
         # The watcher starts when the agent first asks, after the round: joining need not wait for it.
-        if not self._waiting.watching and self._round is not None:
-            self._waiting.watch(self._connect, self._round + 1, self._settings.read_timeout)
-        return self._waiting.fd
+        if not self._membership.watching and self._round is not None:
+            self._membership.watch(self._connect, self._round + 1, self._settings.read_timeout)
+        return self._membership.fd
 
     def leave(self) -> None:
         self._end_round()
@@ -344,25 +373,61 @@ class DynamicRendezvousHandler(RendezvousHandler):
         except DistNetworkError:
             return StoreServer("0.0.0.0", 0)  # IPv6 is off here
 
-    def _await_round(self, round: int, position: int, deadline: float, started: float) -> tuple[bytes, float]:
-        """Wait for the round's done record, completing the round when it is due.
+    def _await_round(self, round: int, coordinator: str, deadline: float, started: float) -> tuple[bytes, float]:
+        """Wait for the round's done record, completing the round if this node is its coordinator.
 
         Returns the record and the join deadline (pushed back while the running
         round is full, as torch does not time out nodes waiting for a place).
         """
+        if coordinator == self._me.id:
+            return self._coordinate(round, deadline, started)
         settings = self._settings
         kv = self._kv
         now = time.monotonic()
-        # Read the state at once only when our arrival may complete the round
-        # or start its last call; otherwise the joins still to come will.
-        check_at = now if position >= settings.min_nodes else now + settings.keep_alive_interval
         status_at = now + STATUS_INTERVAL
         while True:
-            wait = min(check_at, deadline) - now
+            wait = min(now + settings.keep_alive_interval, deadline) - now
             done = kv.wait(_done_key(round), wait) if wait > 0 else kv.get(_done_key(round))
             if done is not None:
                 return done, deadline
+            if not kv.alive([coordinator]):  # it died or left: the first to notice takes its place
+                coordinator = kv.compare_set(_coordinator_key(round), coordinator.encode(), self._me.id.encode())
+                coordinator = coordinator.decode()
+                if coordinator == self._me.id:
+                    log.info("rendezvous '%s' round %d: its coordinator is gone; this node takes over",
+                             self.run_id, round)
+                    return self._coordinate(round, deadline, started)
             now = time.monotonic()
+            # The coordinator's status: read for a status line, or near the deadline (a full running round
+            # pushes it back).
+            if now < status_at and now + settings.keep_alive_interval < deadline:
+                continue
+            published = kv.get(_status_key(round))
+            status, no_place = json.loads(published) if published else ("no state published yet", False)
+            if no_place:
+                deadline = max(deadline, now + settings.join_timeout)
+            if now >= deadline:
+                raise self._timed_out(round, now - started, status)
+            if now >= status_at:
+                self._log_status(round, status, deadline - now)
+                status_at = now + STATUS_INTERVAL
+
+    def _coordinate(self, round: int, deadline: float, started: float) -> tuple[bytes, float]:
+        """Complete the round when it is due: read its state when enough news may have made it due,
+        when a last call ends, and once a keep-alive interval."""
+        settings = self._settings
+        kv = self._kv
+        status_at = time.monotonic() + STATUS_INTERVAL
+        while True:
+            done = kv.get(_done_key(round))  # completed by a node that took over (we seemed dead)
+            if done is not None:
+                return done, deadline
+            now = time.monotonic()
+            quiet = now < status_at and now + settings.keep_alive_interval < deadline  # no line, no deadline due
+            if quiet and kv.news(round) < settings.min_nodes:
+                # Fewer joins than the minimum: who they are is not needed yet.
+                kv.wait_news(round, settings.min_nodes - 1, min(settings.keep_alive_interval, status_at - now))
+                continue
             view = self._view(round)
             done, last_call_left = self._advance(round, view)
             if done is not None:
@@ -370,22 +435,29 @@ class DynamicRendezvousHandler(RendezvousHandler):
             now = time.monotonic()
             if view.no_place:
                 deadline = max(deadline, now + settings.join_timeout)
+            status = self._describe(view)
+            kv.set(_status_key(round), json.dumps([status, view.no_place]).encode())
             if now >= deadline:
-                raise RendezvousTimeoutError(
-                    f"rendezvous '{self.run_id}' ({self._where}) timed out after {now - started:.0f} s "
-                    f"waiting for round {round} to complete: {self._describe(view)}"
-                )
-            if now >= status_at:  # a warning: visible at the launcher's default log level
-                log.warning(
-                    "rendezvous '%s' round %d (%s): %s; timeout in %.0f s",
-                    self.run_id, round, self._where, self._describe(view), deadline - now,
-                )
+                raise self._timed_out(round, now - started, status)
+            if now >= status_at:
+                self._log_status(round, status, deadline - now)
                 status_at = now + STATUS_INTERVAL
-            check_at = now + settings.keep_alive_interval
+            until = min(now + settings.keep_alive_interval, deadline)
             if last_call_left is not None:
-                check_at = min(check_at, now + last_call_left)
+                until = min(until, now + last_call_left)
+            kv.wait_news(round, view.news + self._needed(view) - 1, until - now)
+
+    def _needed(self, view: _RoundView) -> int:
+        """The fewest joins that can make the round due, or complete it during its last call."""
+        s = self._settings
+        live = len(view.live)
+        if view.pending or live < s.min_nodes:
+            return max(s.min_nodes - live, len(view.pending), 1)
+        return max(s.max_nodes - live, 1)
 
     def _view(self, round: int) -> _RoundView:
+        # News first: whatever arrives after this count wakes the coordinator, even if read below.
+        news = self._kv.news(round)
         records = self._records(round)
         previous = self._previous_members(round)
         alive = self._kv.alive(list({m.id for m in records} | {m.id for m in previous}))
@@ -393,6 +465,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         joined = {m.id for m in live}
         previous_live = [m for m in previous if m.id in alive]
         return _RoundView(
+            news=news,
             live=live,
             pending=[m for m in previous_live if m.id not in joined],
             no_place=len(previous_live) >= self._settings.max_nodes
@@ -426,13 +499,26 @@ class DynamicRendezvousHandler(RendezvousHandler):
         return None, left
 
     def _complete(self, round: int, view: _RoundView) -> bytes:
+        """Write every member's seat and the member list under our id, then the done record."""
         previous = self._previous_members(round)
         live = {m.id: m for m in view.live}
         # Stable ranks: the previous round's members in their order, then newcomers.
         members = [live.pop(m.id) for m in previous if m.id in live]
         members += list(live.values())
         members = members[: self._settings.max_nodes]
-        record = json.dumps({"nodes": members}, separators=(",", ":")).encode()
+        ranks = worker_ranks([NodeInfo(m.addr, m.local_world_size, m.role) for m in members])
+        me, count = self._me.id, len(members)
+        writes = {_members_key(round, me): json.dumps(members, separators=(",", ":")).encode()}
+        for rank, (member, place) in enumerate(zip(members, ranks)):
+            watched = members[(rank + 1) % count] if count > 1 else None  # the ring of heartbeats
+            seat = [rank, place.base_rank, place.role_base_rank, place.role_world_size,
+                    watched and [watched.id, watched.addr]]
+            writes[_seat_key(round, me, member.id)] = json.dumps(seat, separators=(",", ":")).encode()
+        self._kv.set_many(writes)
+        record = json.dumps(
+            {"by": me, "nodes": count, "workers": ranks[0].world_size, "master": [members[0].addr, members[0].port]},
+            separators=(",", ":"),
+        ).encode()
         held = self._kv.compare_set(_done_key(round), None, record)
         if held == record:
             self._kv.round_completed(round)
@@ -449,11 +535,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
     def _previous_members(self, round: int) -> list[Member]:
         if round == 0:
             return []
-        rows = self._members if self._round == round - 1 else None
-        if rows is None:
-            done = self._kv.get(_done_key(round - 1))
-            rows = (done and _decode_round(done)) or []
-        return [Member._make(row) for row in rows]
+        if self._previous[0] != round - 1:  # read once per round: a completed round's members do not change
+            self._previous = (round - 1, _read_members(self._kv, round - 1))
+        return self._previous[1]
+
+    def _read_nodes(self, round: int) -> list[NodeInfo]:
+        return [NodeInfo(m.addr, m.local_world_size, m.role) for m in _read_members(self._kv, round)]
+
+    def _gone(self, round: int) -> set[str]:
+        """The members of the round before ``round`` reported lost or that left."""
+        return {json.loads(data)[0] for data in self._kv.lost(round)} | set(self._kv.left(round))
 
     def _describe(self, view: _RoundView) -> str:
         s = self._settings
@@ -464,11 +555,24 @@ class DynamicRendezvousHandler(RendezvousHandler):
             text += "; the running round is full, waiting for a place"
         return text
 
+    def _log_status(self, round: int, status: str, left: float) -> None:
+        # a warning: visible at the launcher's default log level
+        log.warning("rendezvous '%s' round %d (%s): %s; timeout in %.0f s", self.run_id, round, self._where,
+                    status, left)
+
+    def _timed_out(self, round: int, waited: float, status: str) -> RendezvousTimeoutError:
+        return RendezvousTimeoutError(
+            f"rendezvous '{self.run_id}' ({self._where}) timed out after {waited:.0f} s "
+            f"waiting for round {round} to complete: {status}"
+        )
+
     # -- teardown -----------------------------------------------------------
 
     def _end_round(self) -> None:
-        """Stop what belongs to the current round: the watcher and the workers' store."""
-        self._waiting.stop()
+        """Stop what belongs to the current round: the watchers and the workers' store."""
+        self._membership.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.unwatch()
         if self._agent_store is not None:
             self._agent_store.close()
             self._agent_store = None
@@ -477,25 +581,27 @@ class DynamicRendezvousHandler(RendezvousHandler):
             self._server, self._serving = None, False
 
     def _start_heartbeat(self) -> None:
+        settings = self._settings
         self._kv.heartbeat(self._me.id)  # alive before any join record of ours can be read
-        self._heartbeat = _Heartbeat(self._connect, self._me.id, self._settings)
+        self._heartbeat = Heartbeat(self._connect, self._me.id, settings.keep_alive_interval, settings.liveness,
+                                    settings.heartbeat_timeout, self._membership.signal)
         self._heartbeat.start()
 
     def _leave(self, close_if_last: bool) -> None:
-        """Stop heartbeating and mark this node gone; at shutdown (close_if_last) close the rendezvous
-        once no member of our round is left.
+        """Stop heartbeating and mark this node gone; at shutdown (close_if_last) a node that serves
+        the others closes the rendezvous once no other member of our round is left.
 
         Uses the heartbeat's connection, which the agent's signal does not interrupt.
 
-        At shutdown a node that serves the others waits, up to close_timeout, until they no
-        longer need it: rank 0 until they have left (their exit barrier on its workers' store
-        is over), the c10d store's host until each has written its left record, the last
-        request a node makes. Closing either under them turned a successful job's end into
-        warnings ("exit barrier ended", "could not leave cleanly"); waiting for them, rather
-        than letting them ignore a lost store, keeps a real loss visible. A member that died
-        writes no record: it stops counting a liveness period after its heartbeat ended.
-        Marking ourselves gone before waiting keeps rank 0 and the host from waiting for
-        each other.
+        Marking this node gone (``mark_left``: its departure counted last) is the last request a
+        node that serves nobody makes. A node that serves the others waits, up to close_timeout,
+        until they no longer need it: rank 0 until they have left (their exit barrier on its
+        workers' store is over), the c10d store's host likewise. Closing either under them turned
+        a successful job's end into warnings ("exit barrier ended", "could not leave cleanly");
+        waiting for them, rather than letting them ignore a lost store, keeps a real loss visible.
+        Each look costs one count; a member that died never counts itself, so the members still
+        missing are checked for a heartbeat once a keep-alive interval. Marking ourselves gone
+        before waiting keeps rank 0 and the host from waiting for each other.
         """
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is None:
@@ -504,44 +610,39 @@ class DynamicRendezvousHandler(RendezvousHandler):
         kv = heartbeat.kv
         try:
             kv.set_timeout(self._settings.close_timeout)
-            kv.mark_left(self._me.id)
-            if self._round is not None:
-                if close_if_last:
-                    others = [row[0] for row in self._members if row[0] != self._me.id]
-                    if self._owned:
-                        kv.set(_left_key(self._round, self._me.id), _HOSTING)
-                        self._wait_for_others(kv, others, until_done=True)
-                    elif self._serving:
-                        self._wait_for_others(kv, others, until_done=False)
-                    if not kv.alive(others) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
-                        log.info("rendezvous '%s' closed: no node of round %d is left", self.run_id, self._round)
-                kv.set(_left_key(self._round, self._me.id), _DONE)
+            if self._round is None:
+                kv.mark_left(self._me.id, None)
+                return
+            kv.mark_left(self._me.id, self._round + 1)
+            if not close_if_last or not (self._owned or self._serving):
+                return
+            self._wait_for_others(kv)
+            if kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
+                log.info("rendezvous '%s' closed: no node of round %d is left", self.run_id, self._round)
         except (RendezvousError, StoreInterrupted) as exc:
             log.warning("rendezvous '%s': could not leave cleanly: %s", self.run_id, exc)
         finally:
             heartbeat.close()
 
-    def _wait_for_others(self, kv: KeyValueBackend, others: list[str], until_done: bool) -> None:
-        """Until every one of ``others`` has left (until_done: and written its left record, or died),
-        close_timeout passes, or the agent's signal arrives."""
+    def _wait_for_others(self, kv: KeyValueBackend) -> None:
+        """Until every other member of our round has left (or died), close_timeout passes, or the agent's
+        signal arrives. One cheap count per look; the members still missing are read, and their
+        heartbeats checked, once a keep-alive interval."""
         settings = self._settings
         deadline = time.monotonic() + settings.close_timeout
         signal_fd = [self._interrupt_fd] if self._interrupt_fd >= 0 else []
-        silent_since: dict[str, float] = {}  # when each node was first seen gone without a record
-        pending = others
-        while True:
-            alive = kv.alive(pending)
+        check_at = time.monotonic() + settings.keep_alive_interval
+        while kv.left_count(self._round + 1) < self._world_size:
             now = time.monotonic()
-            pending = [
-                node for node in pending
-                if node in alive or (until_done and kv.get(_left_key(self._round, node)) is None
-                                     and now - silent_since.setdefault(node, now) < settings.liveness)
-            ]
-            if not pending:
-                return
+            if now >= check_at:
+                gone = set(kv.left(self._round + 1)) | {self._me.id}
+                missing = [m.id for m in _read_members(kv, self._round) if m.id not in gone]
+                if not kv.alive(missing):
+                    return  # the others left or died
+                check_at = now + settings.keep_alive_interval
             if now >= deadline:
-                log.debug("rendezvous '%s': closing while %d node(s) of round %d may still need us",
-                          self.run_id, len(pending), self._round)
+                log.debug("rendezvous '%s': closing while node(s) of round %d may still need us",
+                          self.run_id, self._round)
                 return
             if select.select(signal_fd, [], [], min(deadline - now, _LEAVE_POLL))[0]:
                 return  # a signal: the agent has more urgent things to do
@@ -557,4 +658,4 @@ class DynamicRendezvousHandler(RendezvousHandler):
         for resource in self._owned:
             resource.close()
         self._owned = []  # a shared (multi-tenant) server stops with its last reference
-        self._waiting.close()
+        self._membership.close()

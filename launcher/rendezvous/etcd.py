@@ -17,7 +17,10 @@ Keys, below ``<etcd_prefix>/<run id>/``::
     alive/<node>              attached to the node's own lease (TTL: the
                               keep-alive liveness); gone = dead or left
     r/<round>/join/<node>     join records, in create-revision order
-    done/<round>, last_call/<round>, latest   (see dynamic.py and keyvalue.py)
+    r/<round>/lost/<node>     members of the round before reported lost; a
+                              round's news are the keys below r/<round>/
+    left/<round>/<node>       members of the round before that left (not news)
+    done/<round>, seat/..., latest   (see dynamic.py and keyvalue.py)
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ if TYPE_CHECKING:  # imported for https endpoints only (see above)
 
 RUN_TTL = 7200  # seconds the run's keys outlive its last heartbeat
 RUN_KEEPALIVE_INTERVAL = 60.0
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: the most puts one transaction may hold
 
 
 def _b64(data: str | bytes) -> str:
@@ -420,38 +424,40 @@ class EtcdBackend(KeyValueBackend):
                 if event.get("type", "PUT") == "PUT" and "kv" in event:
                     return base64.b64decode(event["kv"].get("value", ""))
 
-    def _join_prefix(self, round: int) -> str:
-        return f"r/{round}/join/"
-
-    def join(self, round: int, node_id: str, record: bytes) -> int:
-        prefix = self._join_prefix(round)
-        answer = self._write(
-            lambda lease: (
-                "/v3/kv/txn",
-                {
-                    "success": [
-                        {"request_put": self._put_op(prefix + node_id, record, lease)},
-                        {
-                            "request_range": {
-                                "key": _b64(self._key(prefix)),
-                                "range_end": _prefix_end(self._key(prefix)),
-                                "count_only": True,
-                            }
-                        },
-                    ],
-                },
+    def set_many(self, values: dict[str, bytes]) -> None:
+        items = list(values.items())
+        for start in range(0, len(items), MAX_TXN_OPS):
+            batch = items[start:start + MAX_TXN_OPS]
+            self._write(
+                lambda lease, batch=batch: (
+                    "/v3/kv/txn",
+                    {"success": [{"request_put": self._put_op(key, value, lease)} for key, value in batch]},
+                )
             )
-        )
-        return int(answer["responses"][1]["response_range"].get("count", 0))
+
+    def _values(self, prefix: str) -> list[bytes]:
+        """The values of the keys below ``prefix``, in the order they were created."""
+        found = self._range(prefix, prefix=True, sort_target="CREATE", sort_order="ASCEND")
+        return [base64.b64decode(kv.get("value", "")) for kv in found.get("kvs", [])]
+
+    def join(self, round: int, node_id: str, record: bytes) -> None:
+        self.set(f"r/{round}/join/{node_id}", record)
 
     def joined(self, round: int) -> list[bytes]:
-        found = self._range(self._join_prefix(round), prefix=True, sort_target="CREATE", sort_order="ASCEND")
-        kvs = found.get("kvs", [])
-        return [base64.b64decode(kv.get("value", "")) for kv in kvs]
+        return self._values(f"r/{round}/join/")
 
-    def wait_joined(self, round: int, count: int, timeout: float) -> int:
+    def report_lost(self, round: int, node_id: str, record: bytes) -> None:
+        self.set(f"r/{round}/lost/{node_id}", record)
+
+    def lost(self, round: int) -> list[bytes]:
+        return self._values(f"r/{round}/lost/")
+
+    def news(self, round: int) -> int:
+        return int(self._range(f"r/{round}/", prefix=True, count_only=True).get("count", 0))
+
+    def wait_news(self, round: int, count: int, timeout: float) -> int:
         until = time.monotonic() + timeout
-        prefix = self._join_prefix(round)
+        prefix = f"r/{round}/"
         while True:
             answer = self._range(prefix, prefix=True, count_only=True)
             now = int(answer.get("count", 0))
@@ -489,7 +495,7 @@ class EtcdBackend(KeyValueBackend):
             with session.lock:
                 session.run_keepalive_at = time.monotonic() + RUN_KEEPALIVE_INTERVAL
 
-    def mark_left(self, node_id: str) -> None:
+    def mark_left(self, node_id: str, round: int | None) -> None:
         with self._session.lock:
             lease, self._session.node_lease = self._session.node_lease, None
         if lease is not None:
@@ -497,8 +503,20 @@ class EtcdBackend(KeyValueBackend):
                 self._client.call("/v3/lease/revoke", {"ID": str(lease)})
             except EtcdError:
                 pass  # already expired: gone anyway
+        if round is not None:
+            self.set(f"left/{round}/{node_id}", b"")
+
+    def left(self, round: int) -> list[str]:
+        prefix = self._key(f"left/{round}/")
+        kvs = self._range(f"left/{round}/", prefix=True, keys_only=True).get("kvs", [])
+        return [base64.b64decode(kv["key"]).decode()[len(prefix):] for kv in kvs]
+
+    def left_count(self, round: int) -> int:
+        return int(self._range(f"left/{round}/", prefix=True, count_only=True).get("count", 0))
 
     def alive(self, node_ids: list[str]) -> set[str]:
+        if len(node_ids) == 1:  # a heartbeat watching one member: its key alone
+            return set(node_ids) if self._range(f"alive/{node_ids[0]}", count_only=True).get("count") else set()
         kvs = self._range("alive/", prefix=True, keys_only=True).get("kvs", [])
         present = {base64.b64decode(kv["key"]).decode()[len(self._key("alive/")):] for kv in kvs}
         return present.intersection(node_ids)

@@ -2,15 +2,20 @@
 
 ``KeyValueBackend`` is what a handler needs of the place its nodes meet; the
 TCP store implements it here (``StoreBackend``: the c10d and static
-backends), etcd in etcd.py. Keys of ``StoreBackend``, below its prefix::
+backends), etcd in etcd.py. A round's news are the joins and the loss reports
+it receives: what a node watching for membership changes waits on. Keys of
+``StoreBackend``, below its prefix::
 
     r/<round>/join             the join records, one line each (append)
-    r/<round>/count            how many joined (add)
-    r/<round>/arrived/<n>      set by the n-th joiner: what a watcher waits for
+    r/<round>/lost             members of the round before reported lost, one record a line (append)
+    r/<round>/left             members of the round before that left, one id a line (append)
+    r/<round>/left_count       how many of them (add, after the append: a node's last request)
+    r/<round>/news             how many joins and loss reports the round has (add)
+    r/<round>/news/<n>         set by the n-th of them: what a watcher waits for
     hb/<node>                  the node's last heartbeat (wall clock), or "left"
     latest                     the number of the latest completed round
 
-and the handler's own keys (dynamic.py's ``done/``, ``last_call/`` and ``left/``,
+and the handler's own keys (dynamic.py's ``done/``, ``seat/``... and
 static.py's ``rank/`` and ``ready/``).
 """
 from __future__ import annotations
@@ -77,24 +82,49 @@ class KeyValueBackend(ABC):
         """The value of ``key`` once it exists; None if it does not within ``timeout`` seconds."""
 
     @abstractmethod
-    def join(self, round: int, node_id: str, record: bytes) -> int:
-        """Add a record to the round's join list; return how many records it holds now."""
+    def set_many(self, values: dict[str, bytes]) -> None:
+        """Set every key of ``values``."""
+
+    @abstractmethod
+    def join(self, round: int, node_id: str, record: bytes) -> None:
+        """Add a record to the round's join list (one piece of news)."""
 
     @abstractmethod
     def joined(self, round: int) -> list[bytes]:
         """The round's join records, in join order."""
 
     @abstractmethod
-    def wait_joined(self, round: int, count: int, timeout: float) -> int:
-        """Wait until the round has more than ``count`` join records; return how many it has."""
+    def report_lost(self, round: int, node_id: str, record: bytes) -> None:
+        """Report ``node_id``, a member of the round before ``round``, lost (one piece of news)."""
+
+    @abstractmethod
+    def lost(self, round: int) -> list[bytes]:
+        """The records of the members of the round before ``round`` reported lost."""
+
+    @abstractmethod
+    def news(self, round: int) -> int:
+        """How many joins and loss reports ``round`` has received."""
+
+    @abstractmethod
+    def wait_news(self, round: int, count: int, timeout: float) -> int:
+        """Wait until ``round`` has more than ``count`` pieces of news; return how many it has."""
 
     @abstractmethod
     def heartbeat(self, node_id: str) -> None:
         """Mark ``node_id`` alive for the next liveness period (keep-alive interval x attempts)."""
 
     @abstractmethod
-    def mark_left(self, node_id: str) -> None:
-        """Mark ``node_id`` gone now."""
+    def mark_left(self, node_id: str, round: int | None) -> None:
+        """Mark ``node_id`` gone now; with a round, record it among the members of the round
+        before that left (quietly: no news)."""
+
+    @abstractmethod
+    def left(self, round: int) -> list[str]:
+        """The ids of the members of the round before ``round`` that left."""
+
+    @abstractmethod
+    def left_count(self, round: int) -> int:
+        """How many members of the round before ``round`` left: ``len(left(round))``, in one small read."""
 
     @abstractmethod
     def alive(self, node_ids: list[str]) -> set[str]:
@@ -164,46 +194,75 @@ class StoreBackend(KeyValueBackend):
     def compare_set(self, key: str, expected: bytes | None, value: bytes) -> bytes:
         return self._call(self._store.compare_set, self._key(key), expected or b"", value)
 
-    def wait(self, key: str, timeout: float) -> bytes | None:
-        full = self._key(key)
+    def set_many(self, values: dict[str, bytes]) -> None:
+        self._call(self._store.multi_set, [self._key(key) for key in values], list(values.values()))
+
+    def _appeared(self, key: str, timeout: float) -> bool:
+        """Whether ``key`` exists within ``timeout`` seconds."""
         try:
-            self._store.wait([full], timeout)
+            self._store.wait([self._key(key)], timeout)
         except StoreInterrupted:
             raise
         except DistStoreError:
-            return None  # not there in time
+            return False  # not there in time
         except DistError as exc:
             raise RendezvousConnectionError(f"lost the {self._where} ({exc})") from None
-        return self.get(key)
+        return True
 
-    def join(self, round: int, node_id: str, record: bytes) -> int:
-        # Append before counting: a node that sees count n finds n records.
+    def wait(self, key: str, timeout: float) -> bytes | None:
+        return self.get(key) if self._appeared(key, timeout) else None
+
+    def _lines(self, key: str) -> list[bytes]:
+        value = self.get(key)
+        return value.splitlines() if value else []
+
+    def _add_news(self, round: int) -> None:
+        # After the record it announces: a node that counts n pieces of news finds their records.
+        count = self._call(self._store.add, self._key(f"r/{round}/news"), 1)
+        self._call(self._store.set, self._key(f"r/{round}/news/{count}"), b"")
+
+    def join(self, round: int, node_id: str, record: bytes) -> None:
         self._call(self._store.append, self._key(f"r/{round}/join"), record + b"\n")
-        position = self._call(self._store.add, self._key(f"r/{round}/count"), 1)
-        self._call(self._store.set, self._key(f"r/{round}/arrived/{position}"), b"")
-        return position
+        self._add_news(round)
 
     def joined(self, round: int) -> list[bytes]:
-        if self._call(self._store.add, self._key(f"r/{round}/count"), 0) == 0:
-            return []
-        return self.get(f"r/{round}/join").splitlines()
+        return self._lines(f"r/{round}/join")
 
-    def wait_joined(self, round: int, count: int, timeout: float) -> int:
-        if self.wait(f"r/{round}/arrived/{count + 1}", timeout) is None:
-            return count
-        return self._call(self._store.add, self._key(f"r/{round}/count"), 0)
+    def report_lost(self, round: int, node_id: str, record: bytes) -> None:
+        self._call(self._store.append, self._key(f"r/{round}/lost"), record + b"\n")
+        self._add_news(round)
+
+    def lost(self, round: int) -> list[bytes]:
+        return self._lines(f"r/{round}/lost")
+
+    def news(self, round: int) -> int:
+        return self._call(self._store.add, self._key(f"r/{round}/news"), 0)
+
+    def wait_news(self, round: int, count: int, timeout: float) -> int:
+        return self.news(round) if self._appeared(f"r/{round}/news/{count + 1}", timeout) else count
 
     def heartbeat(self, node_id: str) -> None:
         self._call(self._store.set, self._key(f"hb/{node_id}"), f"{time.time():.3f}".encode())
 
-    def mark_left(self, node_id: str) -> None:
+    def mark_left(self, node_id: str, round: int | None) -> None:
         self._call(self._store.set, self._key(f"hb/{node_id}"), _LEFT)
+        if round is not None:
+            self._call(self._store.append, self._key(f"r/{round}/left"), node_id.encode() + b"\n")
+            self._call(self._store.add, self._key(f"r/{round}/left_count"), 1)
+
+    def left(self, round: int) -> list[str]:
+        return [line.decode() for line in self._lines(f"r/{round}/left")]
+
+    def left_count(self, round: int) -> int:
+        return self._call(self._store.add, self._key(f"r/{round}/left_count"), 0)
 
     def alive(self, node_ids: list[str]) -> set[str]:
         if not node_ids:
             return set()
-        # Every node heartbeats before its first join record, so these keys exist.
-        beats = self._call(self._store.multi_get, [self._key(f"hb/{i}") for i in node_ids])
+        if len(node_ids) == 1:  # a heartbeat watching one member: one round trip
+            beats = [self.get(f"hb/{node_ids[0]}") or _LEFT]
+        else:  # every node heartbeats before its first join record, so these keys exist
+            beats = self._call(self._store.multi_get, [self._key(f"hb/{i}") for i in node_ids])
         oldest = time.time() - self._liveness
         return {i for i, beat in zip(node_ids, beats) if beat != _LEFT and float(beat) >= oldest}
 

@@ -73,6 +73,7 @@ class _Option:
 
 
 _DYNAMIC = ("c10d", "etcd")
+_ALL = ("static",) + _DYNAMIC
 
 # torchrun 2.13's keys (dynamic_rendezvous.py, c10d_rendezvous_backend.py,
 # etcd_rendezvous.py, static_tcp_rendezvous.py) with their defaults; README.md
@@ -81,11 +82,11 @@ OPTIONS: dict[str, _Option] = {
     "join_timeout": _Option(_DYNAMIC, 600, _positive_int),
     "last_call_timeout": _Option(_DYNAMIC, 30, _positive_int),
     "close_timeout": _Option(_DYNAMIC, 30, _positive_int),
-    "heartbeat_timeout": _Option(_DYNAMIC, 5, _positive_int),
-    "keep_alive_interval": _Option(_DYNAMIC, 5, _positive_int),
-    "keep_alive_max_attempt": _Option(_DYNAMIC, 3, _positive_int),
+    "heartbeat_timeout": _Option(_ALL, 5, _positive_int),
+    "keep_alive_interval": _Option(_ALL, 5, _positive_int),  # static: ours (torch's static nodes do not heartbeat)
+    "keep_alive_max_attempt": _Option(_ALL, 3, _positive_int),
     "read_timeout": _Option(_DYNAMIC, 60, _positive_int),
-    "timeout": _Option(("static",) + _DYNAMIC, 600, _positive_int),  # c10d, etcd: accepted, no effect
+    "timeout": _Option(_ALL, 600, _positive_int),  # c10d, etcd: accepted, no effect
     "is_host": _Option(("c10d",), None, _bool),
     "store_type": _Option(("c10d",), "tcp", _choice("tcp")),
     "protocol": _Option(("etcd",), None, _choice("http", "https")),

@@ -9,6 +9,12 @@ size, and once all have arrived node 0 clears every key outside the agents'
 
 A node that arrives for the next round while the others still run counts in
 their ``num_nodes_waiting()``, so its agent's restart restarts everyone.
+
+The nodes heartbeat as the elastic ones do, each watching the next by rank
+(background.py's Heartbeat): a node lost while the job runs (no heartbeat for
+keep_alive_interval x keep_alive_max_attempt, or gone) ends the job on every
+other node with one line naming it, since a static job cannot go on without
+it; losing node 0 is losing the store, which ends the others' heartbeats.
 """
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ from launcher.rendezvous import (
     RendezvousInfo,
     RendezvousParameters,
     RendezvousTimeoutError,
+    worker_ranks,
 )
-from launcher.rendezvous.background import WaitingNodes
+from launcher.rendezvous.background import Heartbeat, MembershipWatch
 from launcher.rendezvous.keyvalue import (
     AGENT_KEY_PREFIX,
     STATUS_INTERVAL,
@@ -60,15 +67,19 @@ class StaticRendezvousHandler(RendezvousHandler):
         (endpoint,) = parse_rdzv_endpoint("static", params.endpoint)
         if endpoint.port == 0 and nnodes > 1:
             raise ValueError("--master-port=0 only works with a single node: the others could not know the port")
-        return cls(params, endpoint.host, endpoint.port, rank, nnodes, config["timeout"])
+        return cls(params, endpoint.host, endpoint.port, rank, nnodes, config)
 
-    def __init__(self, params: RendezvousParameters, host: str, port: int, rank: int, nnodes: int, timeout: float):
+    def __init__(self, params: RendezvousParameters, host: str, port: int, rank: int, nnodes: int,
+                 config: dict[str, Any]):
         self.run_id = params.run_id
         self._host = host
         self._port = port
         self._rank = rank
         self._nnodes = nnodes
-        self._timeout = timeout
+        self._timeout = config["timeout"]
+        self._interval = config["keep_alive_interval"]
+        self._liveness = config["keep_alive_interval"] * config["keep_alive_max_attempt"]
+        self._heartbeat_timeout = config["heartbeat_timeout"]
         self._interrupt_fd = params.interrupt_fd
         addr = node_address(params.local_addr)
         self._record = {
@@ -83,7 +94,8 @@ class StaticRendezvousHandler(RendezvousHandler):
         self._store: TCPStore | None = None  # this node's client (interrupted by the agent's signal)
         self._kv: StoreBackend | None = None
         self._round: int | None = None
-        self._waiting = WaitingNodes()
+        self._membership = MembershipWatch()
+        self._heartbeat: Heartbeat | None = None
         self._closed = False
 
     @property
@@ -93,7 +105,9 @@ class StaticRendezvousHandler(RendezvousHandler):
     # -- the agent's API --------------------------------------------------
 
     def next_rendezvous(self) -> RendezvousInfo:
-        self._waiting.stop()
+        self._membership.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.unwatch()
         started = time.monotonic()
         deadline = started + self._timeout
         if self._kv is None:
@@ -110,37 +124,62 @@ class StaticRendezvousHandler(RendezvousHandler):
             )
         kv.join(round, self._record["id"], record)
         if self._rank == 0:
-            self._wait(round, started, deadline, lambda t: kv.wait_joined(round, self._nnodes - 1, t) >= self._nnodes)
+            def everyone_arrived(timeout: float) -> bool:
+                expected = self._nnodes + len(kv.lost(round))  # loss reports are news too, not arrivals
+                return kv.wait_news(round, expected - 1, timeout) >= expected
+
+            self._wait(round, started, deadline, everyone_arrived)
             # Everyone is here, so no worker of the new attempt runs yet: drop the old attempt's keys.
             self._hosted.server.clear(keep_prefix=f"/{AGENT_KEY_PREFIX}/".encode())
             kv.set(f"ready/{round}", b"")
             kv.round_completed(round)
         else:
             self._wait(round, started, deadline, lambda t: kv.wait(f"ready/{round}", t) is not None)
-        nodes = sorted(self._arrived(round), key=lambda r: r["rank"])
+        arrived = sorted(self._arrived(round), key=lambda r: r["rank"])
         self._round = round
-        self._waiting.watch(self._connect, round + 1, STATUS_INTERVAL * 12)
+        if self._nnodes > 1:  # the ring: each node's heartbeat watches the next node's
+            if self._heartbeat is None:  # from the first round on (before it, nobody watches)
+                kv.heartbeat(self._record["id"])
+                self._heartbeat = Heartbeat(self._connect, self._record["id"], self._interval, self._liveness,
+                                            self._heartbeat_timeout, self._membership.signal)
+                self._heartbeat.start()
+            watched = arrived[(self._rank + 1) % self._nnodes]
+            self._heartbeat.watch(round, watched["id"], json.dumps(watched).encode())
+        self._membership.watch(self._connect, round + 1, STATUS_INTERVAL * 12)
         log.info(
             "static rendezvous '%s' round %d complete: node rank %d of %d after %.1f s",
             self.run_id, round, self._rank, self._nnodes, time.monotonic() - started,
         )
+        nodes = [NodeInfo(n["addr"], n["local_world_size"], n["role"]) for n in arrived]
         return RendezvousInfo(
             round=round,
             rank=self._rank,
-            nodes=[NodeInfo(n["addr"], n["local_world_size"], n["role"]) for n in nodes],
+            world_size=len(nodes),
+            workers=worker_ranks(nodes)[self._rank],
             master_addr=self._host,
             master_port=self._port,
             store=agents_store(round, self._store),
+            read_nodes=lambda: nodes,
         )
 
     def num_nodes_waiting(self) -> int:
-        self._waiting.clear()
+        self._membership.clear()
         if self._round is None:
             return 0
         return len(self._arrived(self._round + 1))
 
+    def lost_nodes(self) -> list[str]:
+        if self._heartbeat is not None and self._heartbeat.unreachable is not None:
+            raise RendezvousConnectionError(
+                f"static rendezvous '{self.run_id}': no heartbeat of this node reached node rank 0's store at "
+                f"{self._host}:{self._port} for {self._liveness:g} s ({self._heartbeat.unreachable})"
+            )
+        if self._round is not None:
+            self._fail_if_lost(self._round + 1)
+        return []
+
     def waiting_fd(self) -> int:
-        return self._waiting.fd
+        return self._membership.fd
 
     def leave(self) -> None:
         self._close()
@@ -152,7 +191,17 @@ class StaticRendezvousHandler(RendezvousHandler):
 
     def _connect(self, interrupt_fd: int, timeout: float) -> StoreBackend:
         store = TCPStore(self._host, self._port, timeout=timeout, interrupt_fd=interrupt_fd)
-        return StoreBackend(store, self._prefix, self._where, 0.0)
+        return StoreBackend(store, self._prefix, self._where, self._liveness)
+
+    def _fail_if_lost(self, round: int) -> None:
+        """Raise, naming the node, if a member of the round before ``round`` was reported lost."""
+        reports = self._kv.lost(round)
+        if reports:
+            node = json.loads(reports[0])
+            raise RendezvousError(
+                f"static rendezvous '{self.run_id}' ({self._where}): lost node rank {node['rank']} ({node['addr']}): "
+                f"no heartbeat for {self._liveness:g} s, or it left; a static job cannot go on without it"
+            )
 
     def _connect_first(self, started: float, deadline: float) -> None:
         if self._rank == 0:
@@ -193,7 +242,7 @@ class StaticRendezvousHandler(RendezvousHandler):
                     self.run_id, self._host, self._port, deadline - time.monotonic(),
                 )
         self._store.set_timeout(self._timeout)
-        self._kv = StoreBackend(self._store, self._prefix, self._where, 0.0)
+        self._kv = StoreBackend(self._store, self._prefix, self._where, self._liveness)
 
     def _arrived(self, round: int) -> list[dict]:
         return [json.loads(r) for r in self._kv.joined(round)]
@@ -204,6 +253,7 @@ class StaticRendezvousHandler(RendezvousHandler):
             left = deadline - time.monotonic()
             if left > 0 and done(min(left, STATUS_INTERVAL)):
                 return
+            self._fail_if_lost(round)
             status = self._describe(round)
             if time.monotonic() >= deadline:
                 raise RendezvousTimeoutError(
@@ -226,7 +276,16 @@ class StaticRendezvousHandler(RendezvousHandler):
         if self._closed:
             return
         self._closed = True
-        self._waiting.close()
+        self._membership.close()
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
+            try:  # so that the node watching this one sees it gone at once
+                heartbeat.kv.mark_left(self._record["id"], None if self._round is None else self._round + 1)
+            except (RendezvousError, StoreInterrupted):
+                pass  # node 0's store is gone (it ended first): nobody is left to tell
+            finally:
+                heartbeat.close()
         for store in (self._store, self._hosted):
             if store is not None:
                 store.close()
