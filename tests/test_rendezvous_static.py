@@ -106,6 +106,17 @@ def test_two_nodes_with_the_same_rank(job, handlers):
     assert "node rank 1 is already taken by 127.0.0." in str(errors[0]) and "own --node-rank" in str(errors[0])
 
 
+def test_a_node_arriving_with_the_rank_of_a_running_node_is_told_at_once(job, handlers):
+    handlers += [create_handler(job(0, 2)), create_handler(job(1, 2))]
+    together([handlers[0].next_rendezvous, handlers[1].next_rendezvous])  # round 0 runs
+    late = create_handler(job(1, 2, at=7, timeout=60))
+    handlers.append(late)
+    started = time.monotonic()
+    with pytest.raises(RendezvousError, match="node rank 1 is already taken by 127.0.0.3"):
+        late.next_rendezvous()
+    assert time.monotonic() - started < 30  # told, not timed out
+
+
 def test_a_missing_node_times_out_naming_it(job, handlers, caplog, monkeypatch):
     monkeypatch.setattr(static, "STATUS_INTERVAL", 0.5)
     handlers.append(create_handler(job(0, 2, timeout=2)))

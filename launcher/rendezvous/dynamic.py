@@ -357,7 +357,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         # Leave before the round ends: a node that serves the others waits in _leave until they have
         # left, and its workers' store must outlast their exit barrier. Our watcher stops first: it
         # reads the store the others are leaving.
-        self._waiting.stop()
+        self._membership.stop()
         self._leave(close_if_last=True)
         self._end_round()
         self._close()
@@ -616,18 +616,17 @@ class DynamicRendezvousHandler(RendezvousHandler):
             kv.mark_left(self._me.id, self._round + 1)
             if not close_if_last or not (self._owned or self._serving):
                 return
-            self._wait_for_others(kv)
-            if kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
+            if self._others_gone(kv) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
                 log.info("rendezvous '%s' closed: no node of round %d is left", self.run_id, self._round)
         except (RendezvousError, StoreInterrupted) as exc:
             log.warning("rendezvous '%s': could not leave cleanly: %s", self.run_id, exc)
         finally:
             heartbeat.close()
 
-    def _wait_for_others(self, kv: KeyValueBackend) -> None:
-        """Until every other member of our round has left (or died), close_timeout passes, or the agent's
-        signal arrives. One cheap count per look; the members still missing are read, and their
-        heartbeats checked, once a keep-alive interval."""
+    def _others_gone(self, kv: KeyValueBackend) -> bool:
+        """Wait until every other member of our round has left or died (True), or close_timeout passes or
+        the agent's signal arrives (False). One cheap count per look; the members still missing are read,
+        and their heartbeats checked, once a keep-alive interval."""
         settings = self._settings
         deadline = time.monotonic() + settings.close_timeout
         signal_fd = [self._interrupt_fd] if self._interrupt_fd >= 0 else []
@@ -638,14 +637,15 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 gone = set(kv.left(self._round + 1)) | {self._me.id}
                 missing = [m.id for m in _read_members(kv, self._round) if m.id not in gone]
                 if not kv.alive(missing):
-                    return  # the others left or died
+                    return True  # the others left or died
                 check_at = now + settings.keep_alive_interval
             if now >= deadline:
-                log.debug("rendezvous '%s': closing while node(s) of round %d may still need us",
+                log.debug("rendezvous '%s': leaving while node(s) of round %d may still need us",
                           self.run_id, self._round)
-                return
+                return False
             if select.select(signal_fd, [], [], min(deadline - now, _LEAVE_POLL))[0]:
-                return  # a signal: the agent has more urgent things to do
+                return False  # a signal: the agent has more urgent things to do
+        return True
 
     def _close(self) -> None:
         if self._closed:

@@ -115,7 +115,14 @@ class StaticRendezvousHandler(RendezvousHandler):
         kv = self._kv
         round = max(0 if self._round is None else self._round + 1, kv.open_round())
         record = json.dumps(self._record, separators=(",", ":")).encode()
-        held = kv.compare_set(f"rank/{round}/{self._rank}", None, record)
+        held = None
+        if self._round is None and round > 0:
+            # Arriving while a round runs: its node of this rank, if alive, holds the rank (checked before
+            # claiming it in the next round, which would keep that node out of it).
+            running = kv.get(f"rank/{round - 1}/{self._rank}")
+            if running is not None and kv.alive([json.loads(running)["id"]]):
+                held = running
+        held = held or kv.compare_set(f"rank/{round}/{self._rank}", None, record)
         if held != record:
             other = json.loads(held)
             raise RendezvousError(
