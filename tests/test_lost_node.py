@@ -138,8 +138,9 @@ def test_the_survivors_restart_without_a_lost_node_even_with_no_restarts_left(re
     assert max(r["started"] for r in later) - killed_at < BOUND
     for _, _, err in results:  # each survivor says which node it lost, in its log and as an event
         assert f"lost node(s) {node_addr(2)}; restarting the worker group without them" in err
-        events = [json.loads(line) for line in err.splitlines() if line.startswith('{"name": "node_lost"')]
-        assert [event["lost_nodes"] for event in events] == [[node_addr(2)]]
+        events = [json.loads(line) for line in err.splitlines()
+                  if line.startswith('{"name": "torchelastic.worker.status.NODE_LOST"')]
+        assert [json.loads(event["metadata"]["metadata"])["lost_nodes"] for event in events] == [[node_addr(2)]]
 
 
 @pytest.mark.parametrize("backend", ["c10d", "etcd"])

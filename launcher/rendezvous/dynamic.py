@@ -24,8 +24,9 @@ A round completes (torch's dynamic rendezvous semantics) when:
 
 Liveness comes from heartbeats (a daemon thread per node): a node whose
 heartbeat is older than keep_alive_interval * keep_alive_max_attempt, or
-that left, is not counted. Ranks are stable: the previous round's members
-keep their order, newcomers follow in join order.
+that left, is not counted. The members are the previous round's live ones,
+then newcomers in join order up to the maximum; ranks follow torch's rule:
+by address, then pid (so under Slurm the first node is rank 0).
 
 The coordinator completes the round by writing, under its own id, each
 member's seat (``seat/<round>/<coordinator>/<node>``: its rank, where its
@@ -75,6 +76,7 @@ from launcher.rendezvous.keyvalue import (
     agents_store,
     node_address,
     node_id,
+    node_pid,
 )
 from launcher.store import DistNetworkError, StoreInterrupted, StoreServer, TCPStore
 
@@ -502,10 +504,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
         """Write every member's seat and the member list under our id, then the done record."""
         previous = self._previous_members(round)
         live = {m.id: m for m in view.live}
-        # Stable ranks: the previous round's members in their order, then newcomers.
+        # Who: the previous round's members, then newcomers, up to the maximum. Their ranks: torch's
+        # (sorted node descriptors, address then pid).
         members = [live.pop(m.id) for m in previous if m.id in live]
         members += list(live.values())
-        members = members[: self._settings.max_nodes]
+        members = sorted(members[: self._settings.max_nodes], key=lambda m: (m.addr, int(node_pid(m.id))))
         ranks = worker_ranks([NodeInfo(m.addr, m.local_world_size, m.role) for m in members])
         me, count = self._me.id, len(members)
         writes = {_members_key(round, me): json.dumps(members, separators=(",", ":")).encode()}
