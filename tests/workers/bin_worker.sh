@@ -27,12 +27,12 @@ children)
         pids+=($!)
     done
     printf '%s\n' "${pids[@]}" > "$dir/$RANK.children"
-    printf '%s\n' $$ > "$dir/$RANK.ready.tmp" && mv "$dir/$RANK.ready.tmp" "$dir/$RANK.ready"
+    printf '%s\n' $$ > "$dir/$RANK.ready"
     wait
     ;;
 slow-stop)
     trap "printf 'SIG%s\n' $3 >> '$dir/$RANK.signals'; while [ ! -e '$dir/release' ]; do sleep 0.01; done; : > '$dir/$RANK.done'; exit 0" "$3"
-    printf '%s\n' $$ > "$dir/$RANK.ready.tmp" && mv "$dir/$RANK.ready.tmp" "$dir/$RANK.ready"
+    printf '%s\n' $$ > "$dir/$RANK.ready"
     sleep 1000 &
     wait
     ;;
