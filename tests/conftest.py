@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 from etcd import ETCD, NO_ETCD, EtcdServer
-from helpers import BUS_IDS, REPO, UUIDS
+from helpers import BUS_IDS, REPO, UUIDS, Harness
 
 
 @pytest.fixture
@@ -64,3 +64,18 @@ def handlers():
     yield made
     for handler in reversed(made):
         handler.shutdown()
+
+
+@pytest.fixture
+def harness(tmp_path):
+    """Starts sup_harness.py scenarios in tmp_path (helpers.Harness); kills what is left after the test."""
+    started = []
+
+    def start(argv, **spec):
+        h = Harness(tmp_path, argv, **spec)
+        started.append(h)
+        return h
+
+    yield start
+    for h in started:
+        h.kill()

@@ -91,6 +91,65 @@ def read_env(path):
         return dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
 
 
+# The supervisor's scenarios: tests/workers/sup_harness.py as the launcher process, sup_worker.py as its workers
+
+SUP_WORKER = [sys.executable, os.path.join(WORKERS, "sup_worker.py")]
+SUP_HARNESS = [sys.executable, os.path.join(WORKERS, "sup_harness.py")]
+
+
+def sup_worker(directory, *args):
+    """The argv of a sup_worker.py worker doing ACTION ARGS with its files in directory."""
+    return SUP_WORKER + [str(directory), *map(str, args)]
+
+
+class Harness:
+    """The harness as a launcher process, with its workers' files in ``directory``.
+
+    ``wrapper``: a command that runs the harness (its argv prefix), e.g. tests/workers/sup_seccomp.py.
+    """
+
+    def __init__(self, directory, argv, stdout=subprocess.PIPE, wrapper=(), **spec):
+        self.directory = directory
+        self.state_path = str(directory / "state")
+        spec = {"argv": argv, "log_dir": str(directory / "logs"), "state": self.state_path, **spec}
+        (directory / "spec.json").write_text(json.dumps(spec))
+        self.nproc = spec.get("nproc", 2)
+        self.proc = subprocess.Popen(
+            [*wrapper, *SUP_HARNESS, str(directory / "spec.json")], env=clean_env(), cwd=REPO,
+            stdout=stdout, stderr=subprocess.PIPE, text=True,
+        )
+
+    def ready(self):
+        """Wait until every worker wrote its ready file; returns the state (launcher and worker pids)."""
+        wait_until_ready(self.directory, self.proc, self.nproc)
+        with open(self.state_path) as f:
+            return json.load(f)
+
+    def finish(self, timeout=60):
+        out, err = self.proc.communicate(timeout=timeout)
+        if os.path.exists(self.state_path + ".exits"):
+            self.exits()  # no zombie left
+        return self.proc.returncode, out, err
+
+    def exits(self):
+        """Every worker's exit, as the launcher saw it once the group ended (when it left no zombie)."""
+        with open(self.state_path + ".exits") as f:
+            ended = json.load(f)
+        assert ended["zombies"] == []
+        return ended["exits"]
+
+    def file(self, name):
+        return (self.directory / name).read_text()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # a survivor holds its pipes: the test has failed already
+
+
 # Processes ------------------------------------------------------------------------------------------
 
 
