@@ -200,6 +200,13 @@ def descendants(pid):
     return found
 
 
+def cpu_seconds(pid):
+    """The CPU time (user and system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def comm(pid):
     with open(f"/proc/{pid}/comm") as f:
         return f.read().strip()

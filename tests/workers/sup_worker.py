@@ -9,6 +9,7 @@ children N [stubborn|exit]
                  their pids to DIR/<rank>.children, then wait (exit: exit 0)
 orphan           start a child that outlives this worker (it exits once the FIFO DIR/release is written), then exit 0
 print N          print N numbered lines and exit 0 (the last one without a newline when DIR is "partial")
+flood N FILE     print N numbered lines, write DIR/<rank>.printed, exit 0 once FILE exists
 stderr N         write N numbered lines to stderr and exit 1
 segv             kill itself with SIGSEGV
 exit CODE [FILE] exit with CODE (once FILE exists)
@@ -28,6 +29,11 @@ rank = os.environ.get("RANK", "0")
 def ready():
     with open(os.path.join(directory, f"{rank}.ready"), "w") as f:
         f.write(str(os.getpid()))
+
+
+def wait_until(condition):
+    while not condition():
+        time.sleep(0.01)
 
 
 def forever():
@@ -70,6 +76,14 @@ elif action == "print":
     if args[1:] == ["partial"]:
         out.write("no newline at the end")
     out.flush()
+elif action == "flood":
+    out = sys.stdout
+    for i in range(int(args[0])):
+        out.write(f"line {i} of rank {rank}\n")
+    out.flush()
+    with open(os.path.join(directory, f"{rank}.printed"), "w"):
+        pass
+    wait_until(lambda: os.path.exists(args[1]))
 elif action == "stderr":
     for i in range(int(args[0])):
         print(f"error line {i}", file=sys.stderr)
@@ -78,8 +92,8 @@ elif action == "segv":
     ready()
     os.kill(os.getpid(), signal.SIGSEGV)
 elif action == "exit":
-    while args[1:] and not os.path.exists(args[1]):
-        time.sleep(0.01)
+    if args[1:]:
+        wait_until(lambda: os.path.exists(args[1]))
     ready()
     sys.exit(int(args[0]))
 elif action == "wait":

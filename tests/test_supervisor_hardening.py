@@ -1,0 +1,52 @@
+"""The supervisor against what goes wrong around it: a console that goes away.
+
+Every process is real.
+"""
+import json
+import os
+import time
+
+from helpers import cpu_seconds, sup_worker, wait_for
+
+# --- a console that goes away ----------------------------------------------------------------------
+
+def pipes_watched_by(pid):
+    """The pipes (their /proc link names, ``pipe:[inode]``) that the epoll instances of process pid watch."""
+    watched = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+            continue
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            targets = [int(line.split()[1]) for line in f if line.startswith("tfd:")]
+        watched.update(os.readlink(f"/proc/{pid}/fd/{target}") for target in targets)
+    return watched
+
+
+def test_a_console_that_goes_away_drops_its_backlog_and_the_job_ends(harness, tmp_path):
+    """``launcher | less``, scrolled back until the launcher paused the workers, then quit."""
+    lines = 250_000  # each rank writes about 5 MB: more than the console holds back (4 MiB) and every pipe
+    release = tmp_path / "release"
+    h = harness(sup_worker(tmp_path, "flood", lines, release), tee="1")
+    wait_for(lambda: os.path.exists(h.state_path) or h.proc.poll() is not None, what="the workers to start")
+    st = json.loads(h.file("state"))
+    launcher, workers = st["launcher"], list(st["workers"].values())
+    worker_stdouts = {os.readlink(f"/proc/{pid}/fd/1") for pid in workers}
+    wait_for(lambda: not worker_stdouts & pipes_watched_by(launcher), timeout=120,
+             what="the launcher to stop reading the workers (its console backlog is full)")
+    h.proc.stdout.close()  # the reader quits
+    wait_for(lambda: all((tmp_path / f"{rank}.printed").exists() for rank in range(2)), timeout=120,
+             what="the workers to write everything")
+    logs = [os.path.join(st["attempt"], str(rank), "stdout.log") for rank in range(2)]
+    expected = ["".join(f"line {i} of rank {rank}\n" for i in range(lines)) for rank in range(2)]
+    wait_for(lambda: [os.path.getsize(log) for log in logs] == [len(text) for text in expected],
+             what="the launcher to write every line to the log files")
+    # A measuring window, not a synchronisation: a launcher spinning on the broken pipe would use it all.
+    used_before = cpu_seconds(launcher)
+    time.sleep(2.0)
+    assert cpu_seconds(launcher) - used_before < 0.2
+    release.touch()
+    code, _, err = h.finish(timeout=120)
+    assert code == 0, err
+    for log, text in zip(logs, expected):
+        with open(log) as f:
+            assert f.read() == text
