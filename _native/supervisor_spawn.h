@@ -38,7 +38,7 @@ static inline int launcher_waitid_pidfd(int pidfd, siginfo_t *info, int options)
 /* Where a worker's set-up failed: names the failing step in the parent's error. */
 enum launcher_spawn_stage {
     LAUNCHER_STAGE_NONE = 0,
-    LAUNCHER_STAGE_SETUP = 1,    /* signals, session, parent-death signal, stdio */
+    LAUNCHER_STAGE_SETUP = 1,    /* signals, session, parent-death signal, stdio, descriptors, limits */
     LAUNCHER_STAGE_CWD = 2,
     LAUNCHER_STAGE_CPUS = 3,
     LAUNCHER_STAGE_MEM_NODES = 4,
@@ -61,21 +61,58 @@ struct launcher_spawn_spec {
     size_t cpus_size;
     const unsigned long *mem_nodes; /* NULL: no memory binding */
     unsigned long mem_nodes_bits;
+    const struct rlimit *open_files;      /* RLIMIT_NOFILE to give it; NULL: the launcher's */
 };
 
 #ifndef SYS_close_range
 #define SYS_close_range 436
 #endif
 
-/* Close fds first..last: close_range (Linux 5.9) where the kernel has it,
- * else one close per fd below the open-files limit. */
+/* One entry of getdents64(2), which the C library does not declare. */
+struct launcher_dirent64 {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+/* Close the open fds from first to last as listed in /proc/self/fd, with
+ * getdents64 into a buffer on the stack: nothing allocated, so a forked child
+ * may call it. Closing fds while listing them is safe: the listing goes by fd number. */
+static int launcher_close_listed(unsigned int first, unsigned int last) {
+    int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0) return -1;
+    uint64_t buffer[512]; /* aligned as the entries are */
+    for (;;) {
+        long got = syscall(SYS_getdents64, dir, buffer, sizeof buffer);
+        if (got < 0) {
+            int error = errno;
+            close(dir);
+            errno = error;
+            return -1;
+        }
+        if (got == 0) break;
+        for (long offset = 0; offset < got;) {
+            const struct launcher_dirent64 *entry = (const struct launcher_dirent64 *)((char *)buffer + offset);
+            offset += entry->d_reclen;
+            if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue; /* . and .. */
+            unsigned long fd = 0;
+            for (const char *digit = entry->d_name; *digit; digit++) fd = fd * 10 + (unsigned long)(*digit - '0');
+            if (fd >= first && fd <= last && fd != (unsigned long)dir) close((int)fd);
+        }
+    }
+    close(dir);
+    return 0;
+}
+
+/* Close fds first..last: close_range (Linux 5.9) where the kernel has it, else
+ * the open ones among them (the open-files limit may be a million: closing
+ * every number below it would take a million calls). */
 static int launcher_close_range(unsigned int first, unsigned int last) {
     if (syscall(SYS_close_range, first, last, 0) == 0) return 0;
     if (errno != ENOSYS) return -1;
-    struct rlimit limit;
-    if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return -1;
-    for (rlim_t fd = first; fd <= last && fd < limit.rlim_cur; fd++) close((int)fd);
-    return 0;
+    return launcher_close_listed(first, last);
 }
 
 /* Close every fd from lowfd up, except keep (-1: none). */
@@ -132,6 +169,8 @@ static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t 
     if (launcher_dup_to(spec->stdout_fd, 1) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (launcher_dup_to(spec->stderr_fd, 2) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (launcher_close_from(3, report_fd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (spec->open_files && setrlimit(RLIMIT_NOFILE, spec->open_files) != 0)
+        launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (spec->cwd && chdir(spec->cwd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CWD);
     if (spec->cpus && sched_setaffinity(0, spec->cpus_size, spec->cpus) != 0)
         launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CPUS);

@@ -4,7 +4,8 @@ Guarantees (see ``_native/supervisor.pyx``, the parts it includes, and ``supervi
 
 * Each worker leads its own session and process group, has SIGKILL as its
   parent-death signal, starts with default signal dispositions, an empty
-  signal mask and no inherited descriptors but stdin/stdout/stderr.
+  signal mask, no inherited descriptors but stdin/stdout/stderr, and the
+  open-files limit the launcher started with.
 * Nothing outlives the launcher: a guardian process SIGKILLs every worker's
   process group when the launcher is gone, however it went; the launcher is
   the subreaper of the workers' orphans and reaps them.

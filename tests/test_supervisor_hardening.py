@@ -1,12 +1,21 @@
-"""The supervisor against what goes wrong around it: a console that goes away.
+"""The supervisor against what goes wrong around it: a console that goes away, old kernels' system calls.
 
-Every process is real.
+Old kernels are made with a seccomp filter (tests/workers/sup_seccomp.py), every process is real.
 """
 import json
 import os
+import platform
+import resource
+import subprocess
+import sys
 import time
 
-from helpers import cpu_seconds, sup_worker, wait_for
+import pytest
+from helpers import LAUNCHER, REPO, WORKERS, clean_env, cpu_seconds, sup_worker, wait_for
+
+SECCOMP = [sys.executable, os.path.join(WORKERS, "sup_seccomp.py")]
+x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filters are x86_64's")
+
 
 # --- a console that goes away ----------------------------------------------------------------------
 
@@ -50,3 +59,36 @@ def test_a_console_that_goes_away_drops_its_backlog_and_the_job_ends(harness, tm
     for log, text in zip(logs, expected):
         with open(log) as f:
             assert f.read() == text
+
+
+# --- descriptors and limits ---------------------------------------------------------------------------
+
+def launch_reporting_limits(tmp_path, *wrapper):
+    """The launcher, started with a soft open-files limit of 1024 (its store raises it), and its workers' limits."""
+    result = subprocess.run(
+        [*wrapper, "sh", "-c", 'ulimit -Sn 1024 && exec "$@"', "sh", *LAUNCHER, "--standalone", "--nproc-per-node=2",
+         os.path.join(WORKERS, "sup_worker.py"), tmp_path, "limits"],
+        capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads((tmp_path / f"{rank}.limits").read_text()) for rank in range(2)]
+
+
+@pytest.fixture
+def hard_limit_above_1024():
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard open-files limit ({hard}) leaves the launcher nothing to raise above 1024")
+    return hard
+
+
+def test_workers_get_the_open_files_limit_the_launcher_started_with(tmp_path, hard_limit_above_1024):
+    for limits in launch_reporting_limits(tmp_path):
+        assert limits == {"nofile": [1024, hard_limit_above_1024], "fds": [0, 1, 2, 3]}  # 3: listdir's own
+
+
+@x86_64_only
+def test_without_close_range_only_open_descriptors_are_closed(tmp_path, hard_limit_above_1024):
+    # Closing a descriptor at or above 1024 kills the process: none was open there.
+    for limits in launch_reporting_limits(tmp_path, *SECCOMP, "close_range", "--fatal-close-from=1024"):
+        assert limits == {"nofile": [1024, hard_limit_above_1024], "fds": [0, 1, 2, 3]}

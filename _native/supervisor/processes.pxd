@@ -24,6 +24,7 @@ cdef extern from "supervisor_spawn.h" nogil:
         size_t cpus_size
         const unsigned long *mem_nodes
         unsigned long mem_nodes_bits
+        const rlimit *open_files
     struct launcher_guardian_record:
         int32_t op
         int32_t pgid

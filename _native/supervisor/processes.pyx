@@ -19,6 +19,13 @@ cdef enum Until:
 # worker stays a zombie (its pid taken) until its group ends.
 cdef bint pidfd_missing = False
 
+# The open-files limit this process started with, which the workers get back:
+# the store raises the soft limit to the hard one for its connections. Read
+# when this module is imported, which launcher.agent and launcher.api do before
+# they start a store.
+cdef rlimit open_files_at_start
+check(getrlimit(RLIMIT_NOFILE, &open_files_at_start), "getrlimit(RLIMIT_NOFILE)")
+
 
 cdef class ExitRecord:
     """One worker as the supervisor saw it: ``ended_at`` is None while it has not exited.
@@ -144,6 +151,7 @@ cdef class Supervisor:
         cdef char **c_programs = NULL
         cdef char **c_argv = NULL
         cdef char **c_envp = NULL
+        cdef rlimit open_files
         child_fds[0] = child_fds[1] = -1
         parent_ends = []
         memset(&spec, 0, sizeof(spec))
@@ -176,6 +184,10 @@ cdef class Supervisor:
                     nodemask[node // 64] |= 1UL << (node % 64)
                 spec.mem_nodes = nodemask.data()
                 spec.mem_nodes_bits = nodemask.size() * 64
+            check(getrlimit(RLIMIT_NOFILE, &open_files), "getrlimit(RLIMIT_NOFILE)")
+            if open_files.rlim_cur != min(open_files_at_start.rlim_cur, open_files.rlim_max):
+                open_files.rlim_cur = min(open_files_at_start.rlim_cur, open_files.rlim_max)
+                spec.open_files = &open_files
             with nogil:
                 pid = launcher_spawn(&spec, &stage)
             if pid < 0:

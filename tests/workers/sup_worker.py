@@ -10,13 +10,16 @@ children N [stubborn|exit]
 orphan           start a child that outlives this worker (it exits once the FIFO DIR/release is written), then exit 0
 print N          print N numbered lines and exit 0 (the last one without a newline when DIR is "partial")
 flood N FILE     print N numbered lines, write DIR/<rank>.printed, exit 0 once FILE exists
+limits           write {"nofile": [soft, hard], "fds": open descriptors} to DIR/<rank>.limits as JSON, exit 0
 stderr N         write N numbered lines to stderr and exit 1
 segv             kill itself with SIGSEGV
 exit CODE [FILE] exit with CODE (once FILE exists)
 wait             wait forever
 Every worker writes DIR/<rank>.ready once set up.
 """
+import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -84,6 +87,11 @@ elif action == "flood":
     with open(os.path.join(directory, f"{rank}.printed"), "w"):
         pass
     wait_until(lambda: os.path.exists(args[1]))
+elif action == "limits":
+    limits = {"nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+              "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd"))}
+    with open(os.path.join(directory, f"{rank}.limits"), "w") as f:
+        json.dump(limits, f)
 elif action == "stderr":
     for i in range(int(args[0])):
         print(f"error line {i}", file=sys.stderr)
