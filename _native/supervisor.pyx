@@ -35,7 +35,7 @@ from posix.signal cimport (SA_RESTART, SIG_BLOCK, SIG_SETMASK, kill, killpg, sig
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport pid_t, sigset_t
 from posix.unistd cimport close as c_close
-from posix.unistd cimport getsid, read, write
+from posix.unistd cimport getpid, getsid, read, write
 from posix.wait cimport P_PID, WEXITED, WNOHANG, WNOWAIT, waitid, waitpid
 
 from errors cimport check, os_error

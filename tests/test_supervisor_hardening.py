@@ -1,4 +1,5 @@
-"""The supervisor against what goes wrong around it: a console that goes away, old kernels' system calls.
+"""The supervisor against what goes wrong around it: a console that goes away, threads that take
+SIGCHLD, old kernels' system calls.
 
 Old kernels are made with a seccomp filter (tests/workers/sup_seccomp.py), every process is real.
 """
@@ -59,6 +60,17 @@ def test_a_console_that_goes_away_drops_its_backlog_and_the_job_ends(harness, tm
     for log, text in zip(logs, expected):
         with open(log) as f:
             assert f.read() == text
+
+
+# --- threads that take SIGCHLD ----------------------------------------------------------------------
+
+@x86_64_only
+def test_without_pidfd_open_no_exit_is_lost_to_a_thread_started_before_the_supervisor(harness, tmp_path):
+    h = harness(["true"], nproc=40, threads=4, wrapper=[*SECCOMP, "pidfd_open"])
+    code, _, err = h.finish(timeout=120)
+    assert code == 0, err
+    assert "worker exits are detected through SIGCHLD" in err
+    assert [e["exitcode"] for e in h.exits()] == [0] * 40
 
 
 # --- descriptors and limits ---------------------------------------------------------------------------

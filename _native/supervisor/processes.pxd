@@ -70,6 +70,8 @@ cdef class Supervisor:
     cdef int children_fd  # SIGCHLD, for adopted orphans
     cdef sigset_t mask_before
     cdef bint restore_mask
+    cdef sigaction_t children_action_before
+    cdef bint restore_children_action  # SIGCHLD is redirected to this thread (exits come through it)
     cdef bint restore_subreaper
     cdef pid_t guardian_pid
     cdef int guardian_fd

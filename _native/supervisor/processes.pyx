@@ -66,8 +66,9 @@ cdef class Supervisor:
     """The native half of a WorkerGroup: processes, pipes, signals and the guardian.
 
     Once constructed it is the subreaper of the workers' orphans, has SIGCHLD
-    blocked and read from a signalfd, and has its guardian running; a failed
-    construction leaves none of that behind. ``close()`` undoes it too.
+    blocked and read from a signalfd (and, without pidfd_open, sent on to this
+    thread from any other that takes it), and has its guardian running; a
+    failed construction leaves none of that behind. ``close()`` undoes it too.
     """
 
     def __cinit__(self):
@@ -92,6 +93,10 @@ cdef class Supervisor:
         self.signal_fd = signal_fd
         self.term_on_failure = term_on_failure
         try:
+            if kernel_lacks_pidfd():
+                # exits come through SIGCHLD, which a thread that does not block it would take and discard
+                redirect_to_this_thread(SIGCHLD, &self.children_action_before)
+                self.restore_children_action = True
             self.epfd = check(epoll_create1(EPOLL_CLOEXEC), "epoll_create1")
             if signal_fd >= 0:
                 epoll_set(self.epfd, EPOLL_CTL_ADD, signal_fd, EPOLLIN, tagged(SOURCE_SIGNALS, 0))
@@ -210,11 +215,9 @@ cdef class Supervisor:
                 worker.pidfd = launcher_pidfd_open(pid, 0)
                 if worker.pidfd < 0:
                     error = errno
-                    if error != ENOSYS:
-                        kill(pid, SIGKILL)
-                        waitpid(pid, NULL, 0)
-                        raise os_error(error, "pidfd_open")
-                    _use_sigchld_for_exits()
+                    kill(pid, SIGKILL)
+                    waitpid(pid, NULL, 0)
+                    raise os_error(error, "pidfd_open")
             self.workers.append(worker)
             if worker.pidfd >= 0:
                 epoll_set(self.epfd, EPOLL_CTL_ADD, worker.pidfd, EPOLLIN, tagged(SOURCE_PIDFD, index))
@@ -652,6 +655,10 @@ cdef class Supervisor:
             self.restore_subreaper = False
             if prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) < 0:
                 failure = os_error(errno, "prctl")
+        if self.restore_children_action:
+            self.restore_children_action = False
+            if sigaction(SIGCHLD, &self.children_action_before, NULL) < 0 and failure is None:
+                failure = os_error(errno, "sigaction")
         if self.restore_mask:
             self.restore_mask = False
             error = pthread_sigmask(SIG_SETMASK, &self.mask_before, NULL)
@@ -676,12 +683,22 @@ cdef int waitid_worker(_Worker worker, siginfo_t *info, int options) noexcept:
     return waitid(P_PID, worker.pid, info, options)
 
 
-def _use_sigchld_for_exits():
+cdef bint kernel_lacks_pidfd() except -1:
+    """Whether pidfd_open is missing (Linux < 5.3); the first time it is, one warning says so."""
     global pidfd_missing
+    if pidfd_missing:
+        return True
+    cdef int fd = launcher_pidfd_open(getpid(), 0)
+    if fd >= 0:
+        c_close(fd)
+        return False
+    if errno != ENOSYS:
+        raise os_error(errno, "pidfd_open")
     pidfd_missing = True
     logging.getLogger("launcher").warning(
         "this kernel has no pidfd_open (Linux < 5.3): worker exits are detected through SIGCHLD"
     )
+    return True
 
 
 cdef int fcntl_nonblock(int fd) noexcept nogil:

@@ -4,7 +4,8 @@
 
 SPEC: {"nproc", "argv" (each "{rank}" becomes the local rank; or one argv per rank), "log_dir",
 "redirects", "tee", "local_ranks_filter", "prefix_template", "filters_out",
-"filters_err", "shutdown_timeout", "signals", "state"}. Once the workers run,
+"filters_err", "shutdown_timeout", "signals", "state", "threads"}. "threads": that many idle threads
+are started first, as a program that embeds the launcher may have (they block no signal). Once the workers run,
 "state" gets {"launcher", "workers": {rank: pid}}; at the end, "<state>.exits"
 gets every exit and the harness's zombie children at that point. Exit code:
 0, 1 on a failure, 128+signum on a signal.
@@ -13,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 from launcher.logs import LogsSpecs, Std
 from launcher.supervisor import EventKind, SignalWatch, WorkerGroup, WorkerLaunch
@@ -30,6 +32,8 @@ def main(spec_path):
     )
     attempt = logs.attempt("run", 0, "default", {r: r for r in range(nproc)}, spec.get("prefix_template"))
     signals = [signal.Signals[name] for name in spec.get("signals", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")]
+    for _ in range(spec.get("threads", 0)):
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
     with SignalWatch(signals) as watch:
         argvs = spec["argv"] if isinstance(spec["argv"][0], list) else [spec["argv"]] * nproc
         workers = [
