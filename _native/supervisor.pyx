@@ -30,7 +30,7 @@ from libcpp.vector cimport vector
 from posix.fcntl cimport F_GETFL, F_SETFL, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY, fcntl
 from posix.fcntl cimport open as c_open
 from posix.resource cimport RLIMIT_NOFILE, getrlimit, rlimit
-from posix.signal cimport (SA_RESTART, SIG_BLOCK, SIG_SETMASK, kill, killpg, sigaction, sigaction_t, sigaddset,
+from posix.signal cimport (SA_RESTART, SIG_BLOCK, SIG_SETMASK, killpg, sigaction, sigaction_t, sigaddset,
                            sigemptyset, sigfillset, sigismember, siginfo_t)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport pid_t, sigset_t

@@ -1,5 +1,5 @@
 """The supervisor against what goes wrong around it: a console that goes away, threads that take
-SIGCHLD, old kernels' system calls.
+SIGCHLD, a guardian that is gone, old kernels' system calls.
 
 Old kernels are made with a seccomp filter (tests/workers/sup_seccomp.py), every process is real.
 """
@@ -7,12 +7,26 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import LAUNCHER, REPO, WORKERS, clean_env, cpu_seconds, sup_worker, wait_for
+from helpers import (
+    LAUNCHER,
+    REPO,
+    WORKERS,
+    children,
+    clean_env,
+    comm,
+    cpu_seconds,
+    state,
+    sup_worker,
+    wait_for,
+)
+
+from launcher.supervisor import OutputRoute, Supervisor
 
 SECCOMP = [sys.executable, os.path.join(WORKERS, "sup_seccomp.py")]
 x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filters are x86_64's")
@@ -71,6 +85,24 @@ def test_without_pidfd_open_no_exit_is_lost_to_a_thread_started_before_the_super
     assert code == 0, err
     assert "worker exits are detected through SIGCHLD" in err
     assert [e["exitcode"] for e in h.exits()] == [0] * 40
+
+
+# --- a guardian that is gone --------------------------------------------------------------------------
+
+def test_spawn_kills_and_reaps_its_worker_when_the_guardian_is_gone():
+    supervisor = Supervisor()
+    wait_for(lambda: [pid for pid in children(os.getpid()) if comm(pid) == "launcher-guard"], what="the guardian")
+    [guardian] = [pid for pid in children(os.getpid()) if comm(pid) == "launcher-guard"]
+    try:
+        os.kill(guardian, signal.SIGKILL)
+        wait_for(lambda: state(guardian) == "Z", what="the guardian to die")
+        before = set(children(os.getpid()))
+        with pytest.raises(BrokenPipeError, match="cannot reach the guardian"):
+            supervisor.spawn([b"/bin/sleep"], [b"sleep", b"300"], [], None, None, None, OutputRoute(), OutputRoute())
+        assert set(children(os.getpid())) == before  # no worker left running, nor a zombie
+    finally:
+        supervisor.close()
+        os.waitpid(guardian, 0)
 
 
 # --- descriptors and limits ---------------------------------------------------------------------------

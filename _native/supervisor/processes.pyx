@@ -209,15 +209,21 @@ cdef class Supervisor:
                 raise os_error(error, "cannot start", program)
             worker.started_at = now(CLOCK_REALTIME)
             worker.pid = pid
-            # The guardian first: from here on the group dies with the launcher.
-            self._guardian(LAUNCHER_GUARDIAN_ADD, pid)
-            if not pidfd_missing:
-                worker.pidfd = launcher_pidfd_open(pid, 0)
-                if worker.pidfd < 0:
-                    error = errno
-                    kill(pid, SIGKILL)
-                    waitpid(pid, NULL, 0)
-                    raise os_error(error, "pidfd_open")
+            try:
+                if not pidfd_missing:
+                    worker.pidfd = check(launcher_pidfd_open(pid, 0), "pidfd_open")
+                # From here on the group dies with the launcher.
+                self._guardian(LAUNCHER_GUARDIAN_ADD, pid)
+            except BaseException:
+                # Not one of the group's, so nothing else would end it: kill its process group, reap it.
+                killpg(pid, SIGKILL)
+                with nogil:
+                    while waitpid(pid, NULL, 0) < 0 and errno == EINTR:
+                        pass
+                if worker.pidfd >= 0:
+                    c_close(worker.pidfd)
+                    worker.pidfd = -1
+                raise
             self.workers.append(worker)
             if worker.pidfd >= 0:
                 epoll_set(self.epfd, EPOLL_CTL_ADD, worker.pidfd, EPOLLIN, tagged(SOURCE_PIDFD, index))
