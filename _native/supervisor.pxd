@@ -14,4 +14,5 @@ from linux cimport cpu_set_t
 
 include "supervisor/signals.pxd"
 include "supervisor/output.pxd"
+include "supervisor/cgroup.pxd"
 include "supervisor/processes.pxd"

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "linux_compat.h"
+#include "supervisor_cgroup.h"
 
 /* waitid on a pidfd: C++ wants P_PIDFD (newer than many C libraries) as an idtype_t. */
 static inline int launcher_waitid_pidfd(int pidfd, siginfo_t *info, int options) {
@@ -43,6 +44,7 @@ enum launcher_spawn_stage {
     LAUNCHER_STAGE_CPUS = 3,
     LAUNCHER_STAGE_MEM_NODES = 4,
     LAUNCHER_STAGE_EXEC = 5,
+    LAUNCHER_STAGE_CGROUP = 6,
 };
 
 struct launcher_spawn_report {
@@ -61,6 +63,7 @@ struct launcher_spawn_spec {
     size_t cpus_size;
     const unsigned long *mem_nodes; /* NULL: no memory binding */
     unsigned long mem_nodes_bits;
+    const struct launcher_cgroup *cgroup; /* NULL: the job has no cgroup */
     const struct rlimit *open_files;      /* RLIMIT_NOFILE to give it; NULL: the launcher's */
 };
 
@@ -161,6 +164,9 @@ static int launcher_default_signals(void) {
 }
 
 static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t parent, int report_fd) {
+    /* First: whatever it starts from here on is in the job's cgroup too. */
+    if (spec->cgroup && launcher_cgroup_join(spec->cgroup) != 0)
+        launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CGROUP);
     if (launcher_default_signals() != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (setsid() < 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
@@ -244,10 +250,13 @@ static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) 
 /* The guardian: holds the read end of a pipe whose write end only the
  * launcher has. The launcher writes one record per process group it starts
  * or forgets; when the pipe reads EOF (the launcher is gone, however it
- * went) the guardian SIGKILLs every group it still knows and exits. */
+ * went) the guardian SIGKILLs every group it still knows and the job's
+ * cgroup whole, removes the cgroup once it is empty, and exits. */
 #define LAUNCHER_GUARDIAN_ADD 1
 #define LAUNCHER_GUARDIAN_FORGET 2
 #define LAUNCHER_GUARDIAN_CAPACITY 65536
+/* How long the guardian waits for the killed cgroup to empty before it leaves it (LAUNCHER_CGROUP_PAUSE_NS each). */
+#define LAUNCHER_GUARDIAN_CGROUP_TRIES 1000
 
 struct launcher_guardian_record {
     int32_t op;
@@ -256,7 +265,7 @@ struct launcher_guardian_record {
 
 static pid_t launcher_guardian_groups[LAUNCHER_GUARDIAN_CAPACITY];
 
-static void launcher_guardian_child(int read_fd) {
+static void launcher_guardian_child(int read_fd, const struct launcher_cgroup *cgroup) {
     /* Its own session: a terminal's Ctrl-C or hang-up for the launcher's
      * foreground group never reaches it; it ignores the rest of what a job
      * scheduler sends, so only the pipe decides when it acts. */
@@ -299,11 +308,16 @@ static void launcher_guardian_child(int read_fd) {
         memmove(records, (char *)records + whole * sizeof records[0], pending);
     }
     for (size_t j = 0; j < count; j++) kill(-launcher_guardian_groups[j], SIGKILL);
+    if (cgroup) {
+        launcher_cgroup_kill(cgroup);
+        launcher_cgroup_remove(cgroup, LAUNCHER_GUARDIAN_CGROUP_TRIES);
+    }
     _exit(0);
 }
 
-/* Start the guardian; *write_fd receives the launcher's end (CLOEXEC). */
-static pid_t launcher_guardian_start(int *write_fd) {
+/* Start the guardian of the job's cgroup (NULL: none) and of the process
+ * groups it will be told of; *write_fd receives the launcher's end (CLOEXEC). */
+static pid_t launcher_guardian_start(int *write_fd, const struct launcher_cgroup *cgroup) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) return -1;
     sigset_t all, previous;
@@ -316,7 +330,7 @@ static pid_t launcher_guardian_start(int *write_fd) {
         return -1;
     }
     pid_t pid = fork();
-    if (pid == 0) launcher_guardian_child(fds[0]);
+    if (pid == 0) launcher_guardian_child(fds[0], cgroup);
     int fork_errno = errno;
     error = pthread_sigmask(SIG_SETMASK, &previous, NULL);
     close(fds[0]);

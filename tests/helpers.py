@@ -237,6 +237,32 @@ def my_zombies():
     return zombies
 
 
+def cgroup_mounts():
+    """Where the cgroup2 hierarchy and the v1 freezer are mounted: {"v2": point, "v1": point} (None: not mounted)."""
+    points = {"v2": None, "v1": None}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
+            if fstype == "cgroup2" and points["v2"] is None:
+                points["v2"] = fields[4]
+            elif fstype == "cgroup" and "freezer" in options and points["v1"] is None:
+                points["v1"] = fields[4]
+    return points
+
+
+def job_cgroups(proc_cgroup):
+    """The directories of the launcher's job cgroups (named launcher-*) that a process's /proc/PID/cgroup
+    text places it in: {"v2": directory, "v1": directory}, without the hierarchies where it is in another."""
+    mounts, found = cgroup_mounts(), {}
+    for line in proc_cgroup.splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        version = "v2" if hierarchy == "0" else "v1" if "freezer" in controllers.split(",") else None
+        if version and mounts[version] and os.path.basename(path).startswith("launcher-"):
+            found[version] = mounts[version] + path
+    return found
+
+
 # Ports and nodes ------------------------------------------------------------------------------------
 
 

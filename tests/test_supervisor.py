@@ -20,6 +20,7 @@ from helpers import (
     clean_env,
     comm,
     dead,
+    job_cgroups,
     my_zombies,
     parent,
     state,
@@ -49,9 +50,13 @@ def test_parent_death_signal_kills_a_worker_without_the_guardian(harness, tmp_pa
     st = h.ready()
     guardian = [pid for pid in children(st["launcher"]) if comm(pid) == "launcher-guard"]
     assert len(guardian) == 1
+    with open(f"/proc/{st['workers']['0']}/cgroup") as f:
+        cgroups = job_cgroups(f.read())
     os.kill(guardian[0], signal.SIGKILL)
     os.kill(st["launcher"], signal.SIGKILL)
     wait_for(lambda: all(dead(pid) for pid in st["workers"].values()), timeout=10, what="the workers to die")
+    for directory in cgroups.values():  # with its guardian gone too, nothing removes the job's cgroup, now empty
+        os.rmdir(directory)
 
 
 def test_subreaper_reaps_an_orphaned_grandchild(harness, tmp_path):

@@ -1,5 +1,5 @@
 """The supervisor against what goes wrong around it: a console that goes away, threads that take
-SIGCHLD, a guardian that is gone, old kernels' system calls.
+SIGCHLD, an embedding program's own children, a guardian that is gone, old kernels' system calls.
 
 Old kernels are made with a seccomp filter (tests/workers/sup_seccomp.py), every process is real.
 """
@@ -85,6 +85,22 @@ def test_without_pidfd_open_no_exit_is_lost_to_a_thread_started_before_the_super
     assert code == 0, err
     assert "worker exits are detected through SIGCHLD" in err
     assert [e["exitcode"] for e in h.exits()] == [0] * 40
+
+
+# --- an embedding program's own children ------------------------------------------------------------
+
+@pytest.mark.parametrize("cgroups", ["as they are", "read-only"])
+def test_the_launcher_leaves_the_embedding_programs_own_children_to_it(tmp_path, cgroups):
+    """With a job cgroup, its membership tells the program's children apart; without one, that it had them first."""
+    wrapper = []
+    if cgroups == "read-only":
+        if os.geteuid() != 0:
+            pytest.skip("only root can make the cgroups read-only for the launcher")
+        wrapper = [sys.executable, os.path.join(WORKERS, "sup_readonly_cgroups.py"), "all"]
+    result = subprocess.run([*wrapper, sys.executable, os.path.join(WORKERS, "sup_embedding.py"), str(tmp_path)],
+                            capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "7\n"  # its child's exit code, which the launcher did not reap
 
 
 # --- a guardian that is gone --------------------------------------------------------------------------

@@ -8,6 +8,9 @@ children N [stubborn|exit]
                  start N `sleep` children in its process group (stubborn: they ignore SIGTERM), write
                  their pids to DIR/<rank>.children, then wait (exit: exit 0)
 orphan           start a child that outlives this worker (it exits once the FIFO DIR/release is written), then exit 0
+escape [wait]    start `sleep 300` in a session of its own, write its pid to DIR/<rank>.escaped and this worker's
+                 /proc/self/cgroup to DIR/<rank>.cgroup, then exit 0 (wait: wait forever)
+release PID      open the FIFO DIR/release for writing and close it, wait until process PID has exited, exit 0
 print N          print N numbered lines and exit 0 (the last one without a newline when DIR is "partial")
 flood N FILE     print N numbered lines, write DIR/<rank>.printed, exit 0 once FILE exists
 limits           write {"nofile": [soft, hard], "fds": open descriptors} to DIR/<rank>.limits as JSON, exit 0
@@ -37,6 +40,14 @@ def ready():
 def wait_until(condition):
     while not condition():
         time.sleep(0.01)
+
+
+def exited(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def forever():
@@ -72,6 +83,19 @@ elif action == "orphan":
     with open(os.path.join(directory, f"{rank}.orphan"), "w") as f:
         f.write(str(child.pid))
     ready()
+elif action == "escape":
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    with open(os.path.join(directory, f"{rank}.escaped"), "w") as f:
+        f.write(str(child.pid))
+    with open("/proc/self/cgroup") as cgroup, open(os.path.join(directory, f"{rank}.cgroup"), "w") as f:
+        f.write(cgroup.read())
+    ready()
+    if args == ["wait"]:
+        forever()
+elif action == "release":
+    with open(os.path.join(directory, "release"), "w"):
+        pass
+    wait_until(lambda: exited(int(args[0])))
 elif action == "print":
     out = sys.stdout
     for i in range(int(args[0])):
