@@ -71,15 +71,6 @@ struct launcher_spawn_spec {
 #define SYS_close_range 436
 #endif
 
-/* One entry of getdents64(2), which the C library does not declare. */
-struct launcher_dirent64 {
-    uint64_t d_ino;
-    int64_t d_off;
-    unsigned short d_reclen;
-    unsigned char d_type;
-    char d_name[];
-};
-
 /* Close the open fds from first to last as listed in /proc/self/fd, with
  * getdents64 into a buffer on the stack: nothing allocated, so a forked child
  * may call it. Closing fds while listing them is safe: the listing goes by fd number. */
@@ -88,7 +79,7 @@ static int launcher_close_listed(unsigned int first, unsigned int last) {
     if (dir < 0) return -1;
     uint64_t buffer[512]; /* aligned as the entries are */
     for (;;) {
-        long got = syscall(SYS_getdents64, dir, buffer, sizeof buffer);
+        long got = launcher_getdents64(dir, buffer, sizeof buffer);
         if (got < 0) {
             int error = errno;
             close(dir);

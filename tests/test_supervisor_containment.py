@@ -85,3 +85,22 @@ def test_kill_9_of_the_launcher_ends_the_descendant_in_a_session_of_its_own(mode
     finally:
         proc.kill()
         proc.communicate(timeout=30)
+
+
+def test_kill_9_of_a_launcher_running_a_launcher_leaves_neither_cgroup(mode, tmp_path, escaped):
+    if mode == "none":
+        pytest.skip("without cgroups there is none to leave")
+    inner = ["-m", "launcher", "--standalone", f"--nproc-per-node={NPROC}", WORKER, str(tmp_path), "escape", "wait"]
+    proc = subprocess.Popen([*MODES[mode], *LAUNCHER, "--standalone", "--nproc-per-node=1", *inner],
+                            env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_ready(tmp_path, proc, NPROC)
+        inner_cgroup = job_cgroup(mode, tmp_path)
+        outer_cgroup = os.path.dirname(inner_cgroup)
+        assert os.path.basename(outer_cgroup).startswith("launcher-")
+        proc.kill()
+        wait_for(lambda: all(dead(pid) for pid in escaped()), timeout=10, what="the escaped sleeps to be gone")
+        wait_for(lambda: not os.path.exists(outer_cgroup), timeout=10, what="the guardian to remove both cgroups")
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)

@@ -3,9 +3,7 @@
 cdef extern from "supervisor_cgroup.h" nogil:
     struct launcher_cgroup:
         const char *directory
-        const char *procs
-        const char *kill
-        const char *freezer_state
+        int version
     int launcher_cgroup_kill(const launcher_cgroup *cgroup)
     int launcher_cgroup_remove(const launcher_cgroup *cgroup, int tries)
 
@@ -14,8 +12,8 @@ cdef class JobCgroup:
     cdef readonly int version  # 2: killed with cgroup.kill; 1: with the v1 freezer
     cdef readonly str directory
     cdef str path  # as /proc/<pid>/cgroup names it
-    cdef bytes c_directory, c_procs, c_kill, c_freezer_state  # what ``files`` points into
-    cdef launcher_cgroup files
+    cdef bytes c_directory  # what ``c_cgroup`` points into
+    cdef launcher_cgroup c_cgroup  # for the C side
 
     cdef object holds(self, pid_t pid)
     cdef bint populated(self) except -1

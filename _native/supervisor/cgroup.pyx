@@ -15,15 +15,8 @@ cdef class JobCgroup:
         self.directory = directory
         self.path = path
         self.c_directory = os.fsencode(directory)
-        self.c_procs = os.fsencode(directory + "/cgroup.procs")
-        self.files.directory = self.c_directory
-        self.files.procs = self.c_procs
-        if version == 2:
-            self.c_kill = os.fsencode(directory + "/cgroup.kill")
-            self.files.kill = self.c_kill
-        else:
-            self.c_freezer_state = os.fsencode(directory + "/freezer.state")
-            self.files.freezer_state = self.c_freezer_state
+        self.c_cgroup.directory = self.c_directory
+        self.c_cgroup.version = version
 
     cdef object holds(self, pid_t pid):
         """Whether process ``pid`` is in this cgroup; None when the cgroup cannot tell: v1 forgets the
@@ -55,14 +48,14 @@ cdef class JobCgroup:
         """SIGKILL every process in it, and what they fork meanwhile."""
         cdef int result
         with nogil:
-            result = launcher_cgroup_kill(&self.files)
+            result = launcher_cgroup_kill(&self.c_cgroup)
         if result < 0:
             raise os_error(errno, "cannot kill the job's cgroup", self.directory)
         return 0
 
     cdef bint remove(self) except -1:
         """Remove it: True once it is gone, False while a process is still in it."""
-        if launcher_cgroup_remove(&self.files, 1) == 0:
+        if launcher_cgroup_remove(&self.c_cgroup, 1) == 0:
             return True
         if errno == EBUSY:
             return False

@@ -119,7 +119,7 @@ cdef class Supervisor:
                 check(prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl")
                 self.restore_subreaper = True
             if self.cgroup is not None:
-                cgroup_files = &self.cgroup.files
+                cgroup_files = &self.cgroup.c_cgroup
             self.guardian_pid = check(launcher_guardian_start(&self.guardian_fd, cgroup_files),
                                       "cannot start the guardian")
         except BaseException:
@@ -197,7 +197,7 @@ cdef class Supervisor:
                 spec.mem_nodes = nodemask.data()
                 spec.mem_nodes_bits = nodemask.size() * 64
             if self.cgroup is not None:
-                spec.cgroup = &self.cgroup.files
+                spec.cgroup = &self.cgroup.c_cgroup
             check(getrlimit(RLIMIT_NOFILE, &open_files), "getrlimit(RLIMIT_NOFILE)")
             if open_files.rlim_cur != min(open_files_at_start.rlim_cur, open_files.rlim_max):
                 open_files.rlim_cur = min(open_files_at_start.rlim_cur, open_files.rlim_max)
