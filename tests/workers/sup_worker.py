@@ -33,8 +33,11 @@ rank = os.environ.get("RANK", "0")
 
 
 def ready():
-    with open(os.path.join(directory, f"{rank}.ready"), "w") as f:
+    """DIR/<rank>.ready holds this worker's pid: written whole, then renamed, so no reader sees it empty."""
+    path = os.path.join(directory, f"{rank}.ready")
+    with open(path + ".tmp", "w") as f:
         f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
 
 
 def wait_until(condition):
