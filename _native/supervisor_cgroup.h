@@ -86,14 +86,18 @@ static int launcher_cgroup_each_below(int dir, void (*visit)(int dir, const char
 
 static void launcher_cgroup_kill_listed(int dir);
 
+/* A v1 cgroup below the job's may be frozen on its own (the guardian of a
+ * launcher among the workers froze it, then died): thawed after its processes
+ * are killed, or they would never get to die. */
 static void launcher_cgroup_kill_listed_below(int parent, const char *name) {
     int below = openat(parent, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (below < 0) return;
     launcher_cgroup_kill_listed(below);
+    launcher_cgroup_write(below, "freezer.state", "THAWED");
     close(below);
 }
 
-/* SIGKILL every process the cgroup (open as dir) and the cgroups below it list. */
+/* SIGKILL every process the v1 cgroup (open as dir) and the cgroups below it list. */
 static void launcher_cgroup_kill_listed(int dir) {
     int fd = openat(dir, "cgroup.procs", O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {
