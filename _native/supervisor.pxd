@@ -6,6 +6,7 @@ from libc.stdint cimport int32_t, uint32_t
 from libcpp.deque cimport deque
 from libcpp.string cimport string
 from libcpp.vector cimport vector
+from posix.resource cimport rlimit
 from posix.signal cimport sigaction_t, siginfo_t
 from posix.types cimport pid_t, sigset_t
 
@@ -13,4 +14,5 @@ from linux cimport cpu_set_t
 
 include "supervisor/signals.pxd"
 include "supervisor/output.pxd"
+include "supervisor/cgroup.pxd"
 include "supervisor/processes.pxd"

@@ -5,7 +5,8 @@ a worker's exit (its pidfd), its output (its pipes), a handled signal (the
 SignalWatch's signalfd), an adopted orphan's exit (a SIGCHLD signalfd), the
 console becoming writable again, or a descriptor the caller watches. Nothing
 is polled on a timer. On kernels without pidfd_open (before Linux 5.3), the
-SIGCHLD signalfd reports the workers' exits too.
+SIGCHLD signalfd reports the workers' exits too. The workers run in a cgroup
+of the job's where the launcher can make one, killed whole at the end.
 
 Lines are the unit of routing: a line goes whole to the console (prefixed
 when teed) and to the duplicate-filter file; files get the bytes as written.
@@ -15,12 +16,13 @@ state in the .pxd of the same name (supervisor.pxd includes them):
 
     supervisor/signals.pyx    SignalWatch: the handled signals, blocked and read from a signalfd
     supervisor/output.pyx     where output goes: OutputRoute, the log files, the consoles, a worker's streams
+    supervisor/cgroup.pyx     JobCgroup: the job's cgroup, made, killed whole, removed (supervisor_cgroup.h)
     supervisor/processes.pyx  the process lifecycle: spawn, the guardian, the loop, stop, Wakeup, ExitRecord
 
 This file holds what they share: the C names, how an epoll event names its
 source, and a few helpers.
 """
-from libc.errno cimport EAGAIN, ECHILD, EINTR, ENOSYS, EPERM, ESRCH, errno
+from libc.errno cimport EAGAIN, EBUSY, ECHILD, EINTR, ENOSYS, EPERM, ESRCH, errno
 from libc.signal cimport SIGCHLD, SIGINT, SIGKILL, SIGSTOP, SIGTERM
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
@@ -29,12 +31,13 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 from posix.fcntl cimport F_GETFL, F_SETFL, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY, fcntl
 from posix.fcntl cimport open as c_open
+from posix.resource cimport RLIMIT_NOFILE, getrlimit, rlimit
 from posix.signal cimport (SA_RESTART, SIG_BLOCK, SIG_SETMASK, kill, killpg, sigaction, sigaction_t, sigaddset,
                            sigemptyset, sigfillset, sigismember, siginfo_t)
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport pid_t, sigset_t
 from posix.unistd cimport close as c_close
-from posix.unistd cimport getsid, read, write
+from posix.unistd cimport getpid, getsid, read, write
 from posix.wait cimport P_PID, WEXITED, WNOHANG, WNOWAIT, waitid, waitpid
 
 from errors cimport check, os_error
@@ -92,4 +95,5 @@ cdef int write_all(int fd, const char *data, size_t size) noexcept nogil:
 
 include "supervisor/signals.pyx"
 include "supervisor/output.pyx"
+include "supervisor/cgroup.pyx"
 include "supervisor/processes.pyx"

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "linux_compat.h"
+#include "supervisor_cgroup.h"
 
 /* waitid on a pidfd: C++ wants P_PIDFD (newer than many C libraries) as an idtype_t. */
 static inline int launcher_waitid_pidfd(int pidfd, siginfo_t *info, int options) {
@@ -38,11 +39,12 @@ static inline int launcher_waitid_pidfd(int pidfd, siginfo_t *info, int options)
 /* Where a worker's set-up failed: names the failing step in the parent's error. */
 enum launcher_spawn_stage {
     LAUNCHER_STAGE_NONE = 0,
-    LAUNCHER_STAGE_SETUP = 1,    /* signals, session, parent-death signal, stdio */
+    LAUNCHER_STAGE_SETUP = 1,    /* signals, session, parent-death signal, stdio, descriptors, limits */
     LAUNCHER_STAGE_CWD = 2,
     LAUNCHER_STAGE_CPUS = 3,
     LAUNCHER_STAGE_MEM_NODES = 4,
     LAUNCHER_STAGE_EXEC = 5,
+    LAUNCHER_STAGE_CGROUP = 6,
 };
 
 struct launcher_spawn_report {
@@ -61,21 +63,50 @@ struct launcher_spawn_spec {
     size_t cpus_size;
     const unsigned long *mem_nodes; /* NULL: no memory binding */
     unsigned long mem_nodes_bits;
+    const struct launcher_cgroup *cgroup; /* NULL: the job has no cgroup */
+    const struct rlimit *open_files;      /* RLIMIT_NOFILE to give it; NULL: the launcher's */
 };
 
 #ifndef SYS_close_range
 #define SYS_close_range 436
 #endif
 
-/* Close fds first..last: close_range (Linux 5.9) where the kernel has it,
- * else one close per fd below the open-files limit. */
+/* Close the open fds from first to last as listed in /proc/self/fd, with
+ * getdents64 into a buffer on the stack: nothing allocated, so a forked child
+ * may call it. Closing fds while listing them is safe: the listing goes by fd number. */
+static int launcher_close_listed(unsigned int first, unsigned int last) {
+    int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0) return -1;
+    uint64_t buffer[512]; /* aligned as the entries are */
+    for (;;) {
+        long got = launcher_getdents64(dir, buffer, sizeof buffer);
+        if (got < 0) {
+            int error = errno;
+            close(dir);
+            errno = error;
+            return -1;
+        }
+        if (got == 0) break;
+        for (long offset = 0; offset < got;) {
+            const struct launcher_dirent64 *entry = (const struct launcher_dirent64 *)((char *)buffer + offset);
+            offset += entry->d_reclen;
+            if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue; /* . and .. */
+            unsigned long fd = 0;
+            for (const char *digit = entry->d_name; *digit; digit++) fd = fd * 10 + (unsigned long)(*digit - '0');
+            if (fd >= first && fd <= last && fd != (unsigned long)dir) close((int)fd);
+        }
+    }
+    close(dir);
+    return 0;
+}
+
+/* Close fds first..last: close_range (Linux 5.9) where the kernel has it, else
+ * the open ones among them (the open-files limit may be a million: closing
+ * every number below it would take a million calls). */
 static int launcher_close_range(unsigned int first, unsigned int last) {
     if (syscall(SYS_close_range, first, last, 0) == 0) return 0;
     if (errno != ENOSYS) return -1;
-    struct rlimit limit;
-    if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return -1;
-    for (rlim_t fd = first; fd <= last && fd < limit.rlim_cur; fd++) close((int)fd);
-    return 0;
+    return launcher_close_listed(first, last);
 }
 
 /* Close every fd from lowfd up, except keep (-1: none). */
@@ -124,6 +155,9 @@ static int launcher_default_signals(void) {
 }
 
 static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t parent, int report_fd) {
+    /* First: whatever it starts from here on is in the job's cgroup too. */
+    if (spec->cgroup && launcher_cgroup_join(spec->cgroup) != 0)
+        launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CGROUP);
     if (launcher_default_signals() != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (setsid() < 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
@@ -132,6 +166,8 @@ static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t 
     if (launcher_dup_to(spec->stdout_fd, 1) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (launcher_dup_to(spec->stderr_fd, 2) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (launcher_close_from(3, report_fd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
+    if (spec->open_files && setrlimit(RLIMIT_NOFILE, spec->open_files) != 0)
+        launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (spec->cwd && chdir(spec->cwd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CWD);
     if (spec->cpus && sched_setaffinity(0, spec->cpus_size, spec->cpus) != 0)
         launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CPUS);
@@ -205,10 +241,13 @@ static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) 
 /* The guardian: holds the read end of a pipe whose write end only the
  * launcher has. The launcher writes one record per process group it starts
  * or forgets; when the pipe reads EOF (the launcher is gone, however it
- * went) the guardian SIGKILLs every group it still knows and exits. */
+ * went) the guardian SIGKILLs every group it still knows and the job's
+ * cgroup whole, removes the cgroup once it is empty, and exits. */
 #define LAUNCHER_GUARDIAN_ADD 1
 #define LAUNCHER_GUARDIAN_FORGET 2
 #define LAUNCHER_GUARDIAN_CAPACITY 65536
+/* How long the guardian waits for the killed cgroup to empty before it leaves it (LAUNCHER_CGROUP_PAUSE_NS each). */
+#define LAUNCHER_GUARDIAN_CGROUP_TRIES 1000
 
 struct launcher_guardian_record {
     int32_t op;
@@ -217,7 +256,7 @@ struct launcher_guardian_record {
 
 static pid_t launcher_guardian_groups[LAUNCHER_GUARDIAN_CAPACITY];
 
-static void launcher_guardian_child(int read_fd) {
+static void launcher_guardian_child(int read_fd, const struct launcher_cgroup *cgroup) {
     /* Its own session: a terminal's Ctrl-C or hang-up for the launcher's
      * foreground group never reaches it; it ignores the rest of what a job
      * scheduler sends, so only the pipe decides when it acts. */
@@ -260,11 +299,16 @@ static void launcher_guardian_child(int read_fd) {
         memmove(records, (char *)records + whole * sizeof records[0], pending);
     }
     for (size_t j = 0; j < count; j++) kill(-launcher_guardian_groups[j], SIGKILL);
+    if (cgroup) {
+        launcher_cgroup_kill(cgroup);
+        launcher_cgroup_remove(cgroup, LAUNCHER_GUARDIAN_CGROUP_TRIES);
+    }
     _exit(0);
 }
 
-/* Start the guardian; *write_fd receives the launcher's end (CLOEXEC). */
-static pid_t launcher_guardian_start(int *write_fd) {
+/* Start the guardian of the job's cgroup (NULL: none) and of the process
+ * groups it will be told of; *write_fd receives the launcher's end (CLOEXEC). */
+static pid_t launcher_guardian_start(int *write_fd, const struct launcher_cgroup *cgroup) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) return -1;
     sigset_t all, previous;
@@ -277,7 +321,7 @@ static pid_t launcher_guardian_start(int *write_fd) {
         return -1;
     }
     pid_t pid = fork();
-    if (pid == 0) launcher_guardian_child(fds[0]);
+    if (pid == 0) launcher_guardian_child(fds[0], cgroup);
     int fork_errno = errno;
     error = pthread_sigmask(SIG_SETMASK, &previous, NULL);
     close(fds[0]);

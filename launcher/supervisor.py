@@ -4,10 +4,15 @@ Guarantees (see ``_native/supervisor.pyx``, the parts it includes, and ``supervi
 
 * Each worker leads its own session and process group, has SIGKILL as its
   parent-death signal, starts with default signal dispositions, an empty
-  signal mask and no inherited descriptors but stdin/stdout/stderr.
-* Nothing outlives the launcher: a guardian process SIGKILLs every worker's
-  process group when the launcher is gone, however it went; the launcher is
-  the subreaper of the workers' orphans and reaps them.
+  signal mask, no inherited descriptors but stdin/stdout/stderr, and the
+  open-files limit the launcher started with.
+* Nothing outlives the launcher: where it can make one, the workers run in a
+  cgroup of the group's, killed whole at the end and by a guardian process
+  when the launcher is gone, however it went; the guardian also SIGKILLs
+  every worker's process group. Without a cgroup, the end of the group kills
+  the workers' process groups and what the launcher adopted from them. The
+  launcher is the subreaper of the workers' orphans and reaps them, and only
+  them, never the embedding program's own children.
 * Exits are seen through pidfds, signals through signalfds, output through
   pipes, all in one epoll loop: no timer, no thread.
 * A worker's process group id stays taken until the group ends (its exited

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 from etcd import ETCD, NO_ETCD, EtcdServer
-from helpers import BUS_IDS, REPO, UUIDS, together
+from helpers import BUS_IDS, REPO, UUIDS, Harness, together
 from slurm_cluster import MISSING, NO_SLURM, SlurmCluster, unshare_refused
 from sshd import SshServer, unavailable
 
@@ -125,3 +125,18 @@ def launchers():
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture
+def harness(tmp_path):
+    """Starts sup_harness.py scenarios in tmp_path (helpers.Harness); kills what is left after the test."""
+    started = []
+
+    def start(argv, **spec):
+        h = Harness(tmp_path, argv, **spec)
+        started.append(h)
+        return h
+
+    yield start
+    for h in started:
+        h.kill()

@@ -94,6 +94,65 @@ def read_env(path):
         return dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
 
 
+# The supervisor's scenarios: tests/workers/sup_harness.py as the launcher process, sup_worker.py as its workers
+
+SUP_WORKER = [sys.executable, os.path.join(WORKERS, "sup_worker.py")]
+SUP_HARNESS = [sys.executable, os.path.join(WORKERS, "sup_harness.py")]
+
+
+def sup_worker(directory, *args):
+    """The argv of a sup_worker.py worker doing ACTION ARGS with its files in directory."""
+    return SUP_WORKER + [str(directory), *map(str, args)]
+
+
+class Harness:
+    """The harness as a launcher process, with its workers' files in ``directory``.
+
+    ``wrapper``: a command that runs the harness (its argv prefix), e.g. tests/workers/sup_seccomp.py.
+    """
+
+    def __init__(self, directory, argv, stdout=subprocess.PIPE, wrapper=(), **spec):
+        self.directory = directory
+        self.state_path = str(directory / "state")
+        spec = {"argv": argv, "log_dir": str(directory / "logs"), "state": self.state_path, **spec}
+        (directory / "spec.json").write_text(json.dumps(spec))
+        self.nproc = spec.get("nproc", 2)
+        self.proc = subprocess.Popen(
+            [*wrapper, *SUP_HARNESS, str(directory / "spec.json")], env=clean_env(), cwd=REPO,
+            stdout=stdout, stderr=subprocess.PIPE, text=True,
+        )
+
+    def ready(self):
+        """Wait until every worker wrote its ready file; returns the state (launcher and worker pids)."""
+        wait_until_ready(self.directory, self.proc, self.nproc)
+        with open(self.state_path) as f:
+            return json.load(f)
+
+    def finish(self, timeout=60):
+        out, err = self.proc.communicate(timeout=timeout)
+        if os.path.exists(self.state_path + ".exits"):
+            self.exits()  # no zombie left
+        return self.proc.returncode, out, err
+
+    def exits(self):
+        """Every worker's exit, as the launcher saw it once the group ended (when it left no zombie)."""
+        with open(self.state_path + ".exits") as f:
+            ended = json.load(f)
+        assert ended["zombies"] == []
+        return ended["exits"]
+
+    def file(self, name):
+        return (self.directory / name).read_text()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # a survivor holds its pipes: the test has failed already
+
+
 # Processes ------------------------------------------------------------------------------------------
 
 
@@ -144,6 +203,13 @@ def descendants(pid):
     return found
 
 
+def cpu_seconds(pid):
+    """The CPU time (user and system) a process, or a thread by its id, has used so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def comm(pid):
     with open(f"/proc/{pid}/comm") as f:
         return f.read().strip()
@@ -179,13 +245,6 @@ def thread_ids(name):
     return ids
 
 
-def cpu_seconds(tid):
-    """The CPU time (user and system) one thread of this process has used, in seconds."""
-    with open(f"/proc/self/task/{tid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def my_zombies():
     """This process's children that ended and were not reaped."""
     zombies = []
@@ -197,6 +256,32 @@ def my_zombies():
             except FileNotFoundError:
                 continue
     return zombies
+
+
+def cgroup_mounts():
+    """Where the cgroup2 hierarchy and the v1 freezer are mounted: {"v2": point, "v1": point} (None: not mounted)."""
+    points = {"v2": None, "v1": None}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
+            if fstype == "cgroup2" and points["v2"] is None:
+                points["v2"] = fields[4]
+            elif fstype == "cgroup" and "freezer" in options and points["v1"] is None:
+                points["v1"] = fields[4]
+    return points
+
+
+def job_cgroups(proc_cgroup):
+    """The directories of the launcher's job cgroups (named launcher-*) that a process's /proc/PID/cgroup
+    text places it in: {"v2": directory, "v1": directory}, without the hierarchies where it is in another."""
+    mounts, found = cgroup_mounts(), {}
+    for line in proc_cgroup.splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        version = "v2" if hierarchy == "0" else "v1" if "freezer" in controllers.split(",") else None
+        if version and mounts[version] and os.path.basename(path).startswith("launcher-"):
+            found[version] = mounts[version] + path
+    return found
 
 
 # Ports and nodes ------------------------------------------------------------------------------------

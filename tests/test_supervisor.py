@@ -10,100 +10,31 @@ import os
 import re
 import select
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 from helpers import (
-    REPO,
-    WORKERS,
     children,
     clean_env,
     comm,
     dead,
+    job_cgroups,
     my_zombies,
     parent,
     state,
+    sup_worker,
     wait_for,
-    wait_until_ready,
 )
 
 from launcher.logs import LogsSpecs, Std
 from launcher.supervisor import EventKind, SignalWatch, WorkerGroup, WorkerLaunch
 
-WORKER = [sys.executable, os.path.join(WORKERS, "sup_worker.py")]
-HARNESS = [sys.executable, os.path.join(WORKERS, "sup_harness.py")]
-
-
-class Harness:
-    """The harness as a launcher process, with its workers' files in ``directory``."""
-
-    def __init__(self, directory, argv, stdout=subprocess.PIPE, **spec):
-        self.directory = directory
-        self.state_path = str(directory / "state")
-        spec = {"argv": argv, "log_dir": str(directory / "logs"), "state": self.state_path, **spec}
-        (directory / "spec.json").write_text(json.dumps(spec))
-        self.nproc = spec.get("nproc", 2)
-        self.proc = subprocess.Popen(
-            HARNESS + [str(directory / "spec.json")], env=clean_env(), cwd=REPO,
-            stdout=stdout, stderr=subprocess.PIPE, text=True,
-        )
-
-    def ready(self):
-        """Wait until every worker wrote its ready file; returns the state (launcher and worker pids)."""
-        wait_until_ready(self.directory, self.proc, self.nproc)
-        with open(self.state_path) as f:
-            return json.load(f)
-
-    def finish(self, timeout=60):
-        out, err = self.proc.communicate(timeout=timeout)
-        if os.path.exists(self.state_path + ".exits"):
-            self.exits()  # no zombie left
-        return self.proc.returncode, out, err
-
-    def exits(self):
-        """Every worker's exit, as the launcher saw it once the group ended (when it left no zombie)."""
-        with open(self.state_path + ".exits") as f:
-            ended = json.load(f)
-        assert ended["zombies"] == []
-        return ended["exits"]
-
-    def file(self, name):
-        return (self.directory / name).read_text()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass  # a survivor holds its pipes: the test has failed already
-
-
-@pytest.fixture
-def harness(tmp_path):
-    started = []
-
-    def start(argv, **spec):
-        h = Harness(tmp_path, argv, **spec)
-        started.append(h)
-        return h
-
-    yield start
-    for h in started:
-        h.kill()
-
-
-def worker(directory, *args):
-    return WORKER + [str(directory), *map(str, args)]
-
-
 # --- nothing survives the launcher -------------------------------------------
 
 def test_sigkilled_launcher_leaves_no_worker_nor_grandchild(harness, tmp_path):
-    h = harness(worker(tmp_path, "children", 2, "stubborn"))
+    h = harness(sup_worker(tmp_path, "children", 2, "stubborn"))
     st = h.ready()
     processes = list(st["workers"].values())
     for rank in range(2):
@@ -115,18 +46,22 @@ def test_sigkilled_launcher_leaves_no_worker_nor_grandchild(harness, tmp_path):
 
 
 def test_parent_death_signal_kills_a_worker_without_the_guardian(harness, tmp_path):
-    h = harness(worker(tmp_path, "wait"))
+    h = harness(sup_worker(tmp_path, "wait"))
     st = h.ready()
     guardian = [pid for pid in children(st["launcher"]) if comm(pid) == "launcher-guard"]
     assert len(guardian) == 1
+    with open(f"/proc/{st['workers']['0']}/cgroup") as f:
+        cgroups = job_cgroups(f.read())
     os.kill(guardian[0], signal.SIGKILL)
     os.kill(st["launcher"], signal.SIGKILL)
     wait_for(lambda: all(dead(pid) for pid in st["workers"].values()), timeout=10, what="the workers to die")
+    for directory in cgroups.values():  # with its guardian gone too, nothing removes the job's cgroup, now empty
+        os.rmdir(directory)
 
 
 def test_subreaper_reaps_an_orphaned_grandchild(harness, tmp_path):
     os.mkfifo(tmp_path / "release")
-    h = harness([worker(tmp_path, "orphan"), worker(tmp_path, "wait")])
+    h = harness([sup_worker(tmp_path, "orphan"), sup_worker(tmp_path, "wait")])
     st = h.ready()
     orphan = int(h.file("0.orphan"))
     wait_for(lambda: not dead(orphan) and parent(orphan) == st["launcher"], what="the orphan to be adopted")
@@ -141,7 +76,7 @@ def test_subreaper_reaps_an_orphaned_grandchild(harness, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_handled_signal_is_forwarded_and_sets_the_exit_code(harness, tmp_path, sig):
-    h = harness(worker(tmp_path, "record", sig.name), signals="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    h = harness(sup_worker(tmp_path, "record", sig.name), signals="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     st = h.ready()
     h.proc.send_signal(sig)
     code, _, err = h.finish()
@@ -152,7 +87,7 @@ def test_handled_signal_is_forwarded_and_sets_the_exit_code(harness, tmp_path, s
 
 
 def test_worker_ignoring_sigterm_is_killed_after_the_shutdown_timeout(harness, tmp_path):
-    h = harness(worker(tmp_path, "endure", "SIGTERM"), shutdown_timeout=1.0)
+    h = harness(sup_worker(tmp_path, "endure", "SIGTERM"), shutdown_timeout=1.0)
     h.ready()
     sent = time.monotonic()
     h.proc.send_signal(signal.SIGTERM)
@@ -164,7 +99,7 @@ def test_worker_ignoring_sigterm_is_killed_after_the_shutdown_timeout(harness, t
 
 
 def test_second_sigint_kills_at_once(harness, tmp_path):
-    h = harness(worker(tmp_path, "endure", "SIGINT"), shutdown_timeout=120.0)
+    h = harness(sup_worker(tmp_path, "endure", "SIGINT"), shutdown_timeout=120.0)
     h.ready()
     h.proc.send_signal(signal.SIGINT)
     wait_for(lambda: all((tmp_path / f"{r}.signals").exists() for r in range(2)), what="the SIGINT to be forwarded")
@@ -179,7 +114,7 @@ def test_second_sigint_kills_at_once(harness, tmp_path):
 # --- exits -----------------------------------------------------------------------
 
 def test_segfault_is_reported_as_sigsegv(harness, tmp_path):
-    h = harness(worker(tmp_path, "segv"), nproc=1)
+    h = harness(sup_worker(tmp_path, "segv"), nproc=1)
     code, _, err = h.finish()
     assert code == 1, err
     (exit,) = h.exits()
@@ -188,7 +123,7 @@ def test_segfault_is_reported_as_sigsegv(harness, tmp_path):
 
 
 def test_a_crash_on_one_rank_tears_down_the_others(harness, tmp_path):
-    h = harness([worker(tmp_path, "record", "SIGTERM"), worker(tmp_path, "exit", 3, tmp_path / "0.ready")])
+    h = harness([sup_worker(tmp_path, "record", "SIGTERM"), sup_worker(tmp_path, "exit", 3, tmp_path / "0.ready")])
     code, _, err = h.finish()
     assert code == 1, err
     assert h.file("0.signals") == "SIGTERM\n"
@@ -199,7 +134,7 @@ def test_a_crash_on_one_rank_tears_down_the_others(harness, tmp_path):
 def test_term_on_failure_signals_the_others_before_the_agent_stops_the_group(tmp_path, term_on_failure):
     group, _ = in_process_group(
         tmp_path,
-        [worker(tmp_path, "record", "SIGTERM"), worker(tmp_path, "exit", 3, tmp_path / "0.ready")],
+        [sup_worker(tmp_path, "record", "SIGTERM"), sup_worker(tmp_path, "exit", 3, tmp_path / "0.ready")],
         term_on_failure=term_on_failure,
     )
     group.start()
@@ -216,7 +151,7 @@ def test_term_on_failure_signals_the_others_before_the_agent_stops_the_group(tmp
 
 
 def test_process_group_members_are_killed_at_teardown(tmp_path):
-    group, _ = in_process_group(tmp_path, [worker(tmp_path, "children", 2, "stubborn")], shutdown_timeout=1.0)
+    group, _ = in_process_group(tmp_path, [sup_worker(tmp_path, "children", 2, "stubborn")], shutdown_timeout=1.0)
     group.start()
     wait_for(lambda: (tmp_path / "0.children").exists(), what="the children")
     members = [int(pid) for pid in (tmp_path / "0.children").read_text().split()]
@@ -227,7 +162,8 @@ def test_process_group_members_are_killed_at_teardown(tmp_path):
 
 
 def test_leftovers_of_workers_that_all_succeeded_are_killed(tmp_path):
-    group, _ = in_process_group(tmp_path, [worker(tmp_path, "children", 1, "stubborn", "exit")], shutdown_timeout=1.0)
+    group, _ = in_process_group(tmp_path, [sup_worker(tmp_path, "children", 1, "stubborn", "exit")],
+                                shutdown_timeout=1.0)
     group.start()
     event = group.wait(timeout=60)
     assert event.kind is EventKind.EXITED and event.exits[0].exitcode == 0
@@ -237,7 +173,7 @@ def test_leftovers_of_workers_that_all_succeeded_are_killed(tmp_path):
 
 
 def test_stderr_tail_keeps_the_last_20_lines(tmp_path):
-    group, _ = in_process_group(tmp_path, [worker(tmp_path, "stderr", 30)])
+    group, _ = in_process_group(tmp_path, [sup_worker(tmp_path, "stderr", 30)])
     group.start()
     event = group.wait(timeout=60)
     assert event.exits[0].exitcode == 1 and event.exits[0].failed
@@ -255,7 +191,7 @@ def test_exec_failure_names_the_program_and_stops_the_started_workers(tmp_path):
     not_executable = tmp_path / "script.sh"
     not_executable.write_text("echo hi\n")
     for argv, error in ((["no-such-program-xyz"], FileNotFoundError), ([str(not_executable)], PermissionError)):
-        group, _ = in_process_group(tmp_path, [worker(tmp_path, "wait"), argv])
+        group, _ = in_process_group(tmp_path, [sup_worker(tmp_path, "wait"), argv])
         with pytest.raises(error) as raised:
             group.start()
         assert raised.value.filename == argv[0]
@@ -341,7 +277,7 @@ def test_a_signal_taken_by_an_older_thread_reaches_the_watch():
 
 
 def test_wait_returns_on_a_watched_fd_and_on_timeout(tmp_path):
-    group, _ = in_process_group(tmp_path, [worker(tmp_path, "wait")], shutdown_timeout=5.0)
+    group, _ = in_process_group(tmp_path, [sup_worker(tmp_path, "wait")], shutdown_timeout=5.0)
     group.start()
     assert group.wait(timeout=0.05).kind is EventKind.TIMEOUT
     r, w = os.pipe()
@@ -374,7 +310,7 @@ LINE = re.compile(r"\[default(\d)\]:line (\d+) of rank (\d)")
 
 def test_100000_lines_reach_console_and_file_whole_and_in_order_through_a_slow_pipe(harness, tmp_path):
     n = 100_000
-    h = harness(worker(tmp_path, "print", n, "partial"), tee="1")
+    h = harness(sup_worker(tmp_path, "print", n, "partial"), tee="1")
     received = []
     while True:  # a slow reader: small reads, a pause now and then
         chunk = h.proc.stdout.read(4096)
@@ -399,7 +335,7 @@ def test_100000_lines_reach_console_and_file_whole_and_in_order_through_a_slow_p
 
 def test_redirects_tee_filters_and_prefix_template(harness, tmp_path):
     h = harness(
-        worker(tmp_path, "print", 3), tee="0:1", redirects="1:3", filters_out=["line 1 "],
+        sup_worker(tmp_path, "print", 3), tee="0:1", redirects="1:3", filters_out=["line 1 "],
         prefix_template="<${role_name}:${rank}:${local_rank}>",
     )
     code, out, err = h.finish()
@@ -416,14 +352,14 @@ def test_redirects_tee_filters_and_prefix_template(harness, tmp_path):
 
 
 def test_plain_output_is_unprefixed_and_local_ranks_filter_hides_ranks(harness, tmp_path):
-    h = harness(worker(tmp_path, "print", 2), local_ranks_filter=[1])
+    h = harness(sup_worker(tmp_path, "print", 2), local_ranks_filter=[1])
     code, out, err = h.finish()
     assert code == 0, err
     assert out.splitlines() == ["line 0 of rank 1", "line 1 of rank 1"]
 
 
 def test_teed_stderr_lines_are_prefixed_and_tailed(harness, tmp_path):
-    h = harness(worker(tmp_path, "stderr", 2), tee="2", filters_err=["line 1"], nproc=1)
+    h = harness(sup_worker(tmp_path, "stderr", 2), tee="2", filters_err=["line 1"], nproc=1)
     code, _, err = h.finish()
     assert code == 1
     assert "[default0]:error line 0\n[default0]:error line 1\n" in err

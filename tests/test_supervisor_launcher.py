@@ -85,7 +85,8 @@ def test_a_segfault_is_reported_with_its_signal_name(tmp_path):
 def test_without_pidfd_open_exits_are_seen_through_sigchld(tmp_path, fail):
     args = [f"{WORKERS}/env_dump.py", str(tmp_path)] + (["--fail-rank=1", "--exit-code=5"] if fail else [])
     result = subprocess.run(
-        [sys.executable, f"{WORKERS}/sup_no_pidfd.py", *LAUNCHER, "--standalone", "--nproc-per-node=3", *args],
+        [sys.executable, f"{WORKERS}/sup_seccomp.py", "pidfd_open", *LAUNCHER, "--standalone", "--nproc-per-node=3",
+         *args],
         capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=120,
     )
     assert "worker exits are detected through SIGCHLD" in result.stderr

@@ -41,6 +41,7 @@ cdef class _Console:
     cdef list streams
 
     cdef size_t backlog(self) noexcept
+    cdef int _break(self, int epfd) except -1
     cdef int add(self, const char *data, size_t size) except -1
     cdef int flush(self, int epfd, bint block) except -1
 

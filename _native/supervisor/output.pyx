@@ -90,6 +90,8 @@ cdef class _Console:
     A console that epoll cannot watch (a regular file, /dev/null) is always
     writable and written directly. One that stays full makes the loop stop
     reading the workers that write to it: their pipes fill and they block.
+    One that breaks (its reader is gone) drops what it held back, so the
+    workers are read again; their log files keep every line.
     """
 
     def __cinit__(self, int fd, int index):
@@ -99,6 +101,21 @@ cdef class _Console:
 
     cdef size_t backlog(self) noexcept:
         return self.pending.size() - self.sent
+
+    cdef int _break(self, int epfd) except -1:
+        """The reader is gone (EPIPE) or the console is unusable: there is nowhere left to write.
+
+        What it held back goes, which resumes the workers it paused; epoll stops
+        watching it, as a broken pipe would report an error at every turn.
+        """
+        self.broken = True
+        self.pending = string()
+        self.sent = 0
+        if self.pollable:
+            epoll_set(epfd, EPOLL_CTL_DEL, self.fd, 0, 0)
+            self.pollable = False
+            self.watching = False
+        return 0
 
     cdef int add(self, const char *data, size_t size) except -1:
         if not self.broken:
@@ -143,9 +160,8 @@ cdef class _Console:
                         epoll_set(epfd, EPOLL_CTL_MOD, self.fd, EPOLLOUT, tagged(SOURCE_CONSOLE, self.index))
                         self.watching = True
                     return 0
-                # the reader is gone (EPIPE) or the console is unusable: there is nowhere left to write
-                self.broken = True
-                break
+                self._break(epfd)
+                return 0
             self.sent += n
         if self.sent == self.pending.size() or self.sent > (1 << 20):
             self.pending.erase(0, self.sent)

@@ -10,6 +10,7 @@ cdef extern from "supervisor_spawn.h" nogil:
         LAUNCHER_STAGE_CPUS
         LAUNCHER_STAGE_MEM_NODES
         LAUNCHER_STAGE_EXEC
+        LAUNCHER_STAGE_CGROUP
         LAUNCHER_GUARDIAN_ADD
         LAUNCHER_GUARDIAN_FORGET
         LAUNCHER_GUARDIAN_CAPACITY
@@ -24,11 +25,13 @@ cdef extern from "supervisor_spawn.h" nogil:
         size_t cpus_size
         const unsigned long *mem_nodes
         unsigned long mem_nodes_bits
+        const launcher_cgroup *cgroup
+        const rlimit *open_files
     struct launcher_guardian_record:
         int32_t op
         int32_t pgid
     pid_t launcher_spawn(const launcher_spawn_spec *spec, int *stage)
-    pid_t launcher_guardian_start(int *write_fd)
+    pid_t launcher_guardian_start(int *write_fd, const launcher_cgroup *cgroup)
     int launcher_waitid_pidfd(int pidfd, siginfo_t *info, int options)
 
 
@@ -69,10 +72,14 @@ cdef class Supervisor:
     cdef int children_fd  # SIGCHLD, for adopted orphans
     cdef sigset_t mask_before
     cdef bint restore_mask
+    cdef sigaction_t children_action_before
+    cdef bint restore_children_action  # SIGCHLD is redirected to this thread (exits come through it)
     cdef bint restore_subreaper
     cdef pid_t guardian_pid
     cdef int guardian_fd
     cdef pid_t own_sid
+    cdef JobCgroup cgroup  # None: the job has none
+    cdef frozenset children_before  # this process's children when the group was made: not the job's
     cdef list workers
     cdef list streams
     cdef _Console out
@@ -102,6 +109,12 @@ cdef class Supervisor:
     cdef int _read_signals(self) except -1
     cdef int _read_children(self) except -1
     cdef int _reap_adopted(self) except -1
+    cdef bint _adopted(self, pid_t pid) except -1
+    cdef list _adopted_children(self)
+    cdef list _adopted_alive(self)
+    cdef int _kill_job(self) except -1
+    cdef int _kill_adopted(self) except -1
+    cdef bint _job_alive(self) except -1
     cdef bint _members_alive(self) except -1
     cdef int _reap_workers(self) except -1
     cdef int _finish_output(self, double grace) except -1

@@ -19,6 +19,13 @@ cdef enum Until:
 # worker stays a zombie (its pid taken) until its group ends.
 cdef bint pidfd_missing = False
 
+# The open-files limit this process started with, which the workers get back:
+# the store raises the soft limit to the hard one for its connections. Read
+# when this module is imported, which launcher.agent and launcher.api do before
+# they start a store.
+cdef rlimit open_files_at_start
+check(getrlimit(RLIMIT_NOFILE, &open_files_at_start), "getrlimit(RLIMIT_NOFILE)")
+
 
 cdef class ExitRecord:
     """One worker as the supervisor saw it: ``ended_at`` is None while it has not exited.
@@ -56,11 +63,13 @@ cdef class _Worker:
 
 
 cdef class Supervisor:
-    """The native half of a WorkerGroup: processes, pipes, signals and the guardian.
+    """The native half of a WorkerGroup: processes, pipes, signals, the job's cgroup and the guardian.
 
     Once constructed it is the subreaper of the workers' orphans, has SIGCHLD
-    blocked and read from a signalfd, and has its guardian running; a failed
-    construction leaves none of that behind. ``close()`` undoes it too.
+    blocked and read from a signalfd (and, without pidfd_open, sent on to this
+    thread from any other that takes it), has made the job's cgroup where it
+    can, and has its guardian running; a failed construction leaves none of
+    that behind. ``close()`` undoes it too.
     """
 
     def __cinit__(self):
@@ -72,6 +81,7 @@ cdef class Supervisor:
     def __init__(self, int signal_fd=-1, bint term_on_failure=False):
         cdef sigset_t children
         cdef int error, subreaper = 0
+        cdef const launcher_cgroup *cgroup_files = NULL
         if threading.current_thread() is not threading.main_thread():
             # a worker's parent-death signal fires when the thread that forked it ends
             raise RuntimeError("workers must be started from the main thread")
@@ -84,7 +94,13 @@ cdef class Supervisor:
         self.own_sid = check(getsid(0), "getsid")
         self.signal_fd = signal_fd
         self.term_on_failure = term_on_failure
+        self.children_before = frozenset(children_of_self())
         try:
+            if kernel_lacks_pidfd():
+                # exits come through SIGCHLD, which a thread that does not block it would take and discard
+                redirect_to_this_thread(SIGCHLD, &self.children_action_before)
+                self.restore_children_action = True
+            self.cgroup = create_job_cgroup()
             self.epfd = check(epoll_create1(EPOLL_CLOEXEC), "epoll_create1")
             if signal_fd >= 0:
                 epoll_set(self.epfd, EPOLL_CTL_ADD, signal_fd, EPOLLIN, tagged(SOURCE_SIGNALS, 0))
@@ -102,7 +118,10 @@ cdef class Supervisor:
             if not subreaper:
                 check(prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl")
                 self.restore_subreaper = True
-            self.guardian_pid = check(launcher_guardian_start(&self.guardian_fd), "cannot start the guardian")
+            if self.cgroup is not None:
+                cgroup_files = &self.cgroup.c_cgroup
+            self.guardian_pid = check(launcher_guardian_start(&self.guardian_fd, cgroup_files),
+                                      "cannot start the guardian")
         except BaseException:
             self._release()
             raise
@@ -144,6 +163,7 @@ cdef class Supervisor:
         cdef char **c_programs = NULL
         cdef char **c_argv = NULL
         cdef char **c_envp = NULL
+        cdef rlimit open_files
         child_fds[0] = child_fds[1] = -1
         parent_ends = []
         memset(&spec, 0, sizeof(spec))
@@ -176,11 +196,19 @@ cdef class Supervisor:
                     nodemask[node // 64] |= 1UL << (node % 64)
                 spec.mem_nodes = nodemask.data()
                 spec.mem_nodes_bits = nodemask.size() * 64
+            if self.cgroup is not None:
+                spec.cgroup = &self.cgroup.c_cgroup
+            check(getrlimit(RLIMIT_NOFILE, &open_files), "getrlimit(RLIMIT_NOFILE)")
+            if open_files.rlim_cur != min(open_files_at_start.rlim_cur, open_files.rlim_max):
+                open_files.rlim_cur = min(open_files_at_start.rlim_cur, open_files.rlim_max)
+                spec.open_files = &open_files
             with nogil:
                 pid = launcher_spawn(&spec, &stage)
             if pid < 0:
                 error = errno
                 program = os.fsdecode(argv[0])
+                if stage == LAUNCHER_STAGE_CGROUP:
+                    raise os_error(error, "cannot join the job's cgroup", self.cgroup.directory)
                 if stage == LAUNCHER_STAGE_CWD:
                     raise os_error(error, "cannot change to the working directory", os.fsdecode(cwd))
                 if stage == LAUNCHER_STAGE_CPUS:
@@ -192,17 +220,21 @@ cdef class Supervisor:
                 raise os_error(error, "cannot start", program)
             worker.started_at = now(CLOCK_REALTIME)
             worker.pid = pid
-            # The guardian first: from here on the group dies with the launcher.
-            self._guardian(LAUNCHER_GUARDIAN_ADD, pid)
-            if not pidfd_missing:
-                worker.pidfd = launcher_pidfd_open(pid, 0)
-                if worker.pidfd < 0:
-                    error = errno
-                    if error != ENOSYS:
-                        kill(pid, SIGKILL)
-                        waitpid(pid, NULL, 0)
-                        raise os_error(error, "pidfd_open")
-                    _use_sigchld_for_exits()
+            try:
+                if not pidfd_missing:
+                    worker.pidfd = check(launcher_pidfd_open(pid, 0), "pidfd_open")
+                # From here on the group dies with the launcher.
+                self._guardian(LAUNCHER_GUARDIAN_ADD, pid)
+            except BaseException:
+                # Not one of the group's, so nothing else would end it: kill its process group, reap it.
+                killpg(pid, SIGKILL)
+                with nogil:
+                    while waitpid(pid, NULL, 0) < 0 and errno == EINTR:
+                        pass
+                if worker.pidfd >= 0:
+                    c_close(worker.pidfd)
+                    worker.pidfd = -1
+                raise
             self.workers.append(worker)
             if worker.pidfd >= 0:
                 epoll_set(self.epfd, EPOLL_CTL_ADD, worker.pidfd, EPOLLIN, tagged(SOURCE_PIDFD, index))
@@ -445,23 +477,80 @@ cdef class Supervisor:
         return 0
 
     cdef int _reap_adopted(self) except -1:
-        """Reap the exited orphans this subreaper adopted: its children in no session of its own.
-
-        Workers are reaped at the end of the group, the guardian when it is
-        told to go; every other descendant of a worker is in a worker's
-        session or one it made, never in the launcher's.
-        """
+        """Reap the exited processes this subreaper adopted from the workers, and no other child."""
         cdef siginfo_t info
         cdef pid_t pid
-        mine = {(<_Worker>w).pid for w in self.workers}
-        mine.add(self.guardian_pid)
-        for pid in children_of_self():
-            if pid in mine or getsid(pid) == self.own_sid:
-                continue
+        for pid in self._adopted_children():
             memset(&info, 0, sizeof(info))
             if waitid(P_PID, pid, &info, WEXITED | WNOHANG) < 0 and errno != ECHILD:
                 raise os_error(errno, "waitid")
         return 0
+
+    cdef bint _adopted(self, pid_t pid) except -1:
+        """Whether a child of this process that it did not start descends from the workers.
+
+        Its session tells first: a session is inherited and cannot be joined,
+        only made, so a process in a worker's session descends from it, and
+        one in the launcher's does not. A process in a session it made (or an
+        ancestor made) is in the job's cgroup if it descends from a worker.
+        Where the cgroup cannot tell (none, or v1 once the process exited), it
+        is taken for the job's unless this process already had it when the
+        group was made: the one guess, wrong only for a child that the program
+        embedding the launcher starts in a session of its own while the group
+        runs, from the main thread or a thread that has ended since.
+        """
+        cdef pid_t sid = getsid(pid)
+        if sid < 0:  # reaped meanwhile
+            return False
+        if any(sid == (<_Worker>w).pid for w in self.workers):
+            return True
+        if sid == self.own_sid:
+            return False
+        held = self.cgroup.holds(pid) if self.cgroup is not None else None
+        if held is not None:
+            return held
+        return pid not in self.children_before
+
+    cdef list _adopted_children(self):
+        """The children this process adopted from the workers, exited or not."""
+        started = {(<_Worker>w).pid for w in self.workers}
+        started.add(self.guardian_pid)
+        return [pid for pid in adoptable_children() if pid not in started and self._adopted(pid)]
+
+    cdef list _adopted_alive(self):
+        """The adopted processes that have not exited."""
+        alive = []
+        for pid in self._adopted_children():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    if f.read().rpartition(b")")[2].split()[0] != b"Z":
+                        alive.append(pid)
+            except FileNotFoundError:  # reaped meanwhile
+                continue
+        return alive
+
+    cdef int _kill_job(self) except -1:
+        """SIGKILL every process of the job: the job's cgroup whole; without one, the workers'
+        process groups and what the launcher adopted from them."""
+        self.signal_groups(SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        self._kill_adopted()
+        return 0
+
+    cdef int _kill_adopted(self) except -1:
+        """Without a cgroup, SIGKILL what the launcher adopted from the workers (their groups had SIGKILL)."""
+        if self.cgroup is None:
+            for pid in self._adopted_alive():
+                if kill(pid, SIGKILL) < 0 and errno != ESRCH:
+                    raise os_error(errno, "kill")
+        return 0
+
+    cdef bint _job_alive(self) except -1:
+        """Whether a process of the job has not exited yet (stuck in the kernel, or SIGKILL on its way)."""
+        if self.cgroup is not None:
+            return self.cgroup.populated()
+        return self._members_alive() or bool(self._adopted_alive())
 
     # --- the Python-facing operations ----------------------------------------
 
@@ -517,16 +606,20 @@ cdef class Supervisor:
             if before_kill is not None and running and SIGINT not in self.signals:
                 before_kill(running)
         finally:
-            self.signal_groups(SIGKILL)
+            self._kill_job()
         # SIGKILL takes effect unless a process is stuck in the kernel; give that the same time again.
         deadline = now(CLOCK_MONOTONIC) + max(timeout, 1.0)
         self._pump(deadline, UNTIL_EXITED)
-        while self._members_alive() and self._pump(min(deadline, now(CLOCK_MONOTONIC) + 0.01), UNTIL_DEADLINE) == 0:
+        while self._job_alive() and self._pump(min(deadline, now(CLOCK_MONOTONIC) + 0.01), UNTIL_DEADLINE) == 0:
+            self._kill_adopted()  # orphaned meanwhile by the processes that died
             self._reap_adopted()
             if now(CLOCK_MONOTONIC) >= deadline:
                 break
         self._reap_workers()
         self._finish_output(1.0)
+        # What is still in the cgroup (stuck in the kernel) is the guardian's to kill and remove.
+        if self.cgroup is not None and self.cgroup.remove():
+            self.cgroup = None
         self._end_guardian()
         self.finished = True
         signals, self.signals = self.signals, []
@@ -644,10 +737,21 @@ cdef class Supervisor:
         if self.epfd >= 0:
             c_close(self.epfd)
             self.epfd = -1
+        if self.cgroup is not None:
+            # empty after a failed construction; a group never stopped is left to the guardian
+            try:
+                self.cgroup.remove()
+            except OSError as removing:
+                failure = removing
+            self.cgroup = None
         if self.restore_subreaper:
             self.restore_subreaper = False
-            if prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) < 0:
+            if prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) < 0 and failure is None:
                 failure = os_error(errno, "prctl")
+        if self.restore_children_action:
+            self.restore_children_action = False
+            if sigaction(SIGCHLD, &self.children_action_before, NULL) < 0 and failure is None:
+                failure = os_error(errno, "sigaction")
         if self.restore_mask:
             self.restore_mask = False
             error = pthread_sigmask(SIG_SETMASK, &self.mask_before, NULL)
@@ -672,12 +776,22 @@ cdef int waitid_worker(_Worker worker, siginfo_t *info, int options) noexcept:
     return waitid(P_PID, worker.pid, info, options)
 
 
-def _use_sigchld_for_exits():
+cdef bint kernel_lacks_pidfd() except -1:
+    """Whether pidfd_open is missing (Linux < 5.3); the first time it is, one warning says so."""
     global pidfd_missing
+    if pidfd_missing:
+        return True
+    cdef int fd = launcher_pidfd_open(getpid(), 0)
+    if fd >= 0:
+        c_close(fd)
+        return False
+    if errno != ENOSYS:
+        raise os_error(errno, "pidfd_open")
     pidfd_missing = True
     logging.getLogger("launcher").warning(
         "this kernel has no pidfd_open (Linux < 5.3): worker exits are detected through SIGCHLD"
     )
+    return True
 
 
 cdef int fcntl_nonblock(int fd) noexcept nogil:
@@ -699,6 +813,14 @@ cdef char **c_strings(list items) except NULL:
         array[i] = <bytes>item
     array[len(items)] = NULL
     return array
+
+
+def adoptable_children():
+    """The pids of the children of this process's main thread, the only one that adopts orphans
+    (the kernel gives them to a subreaper's first live thread): a child that another thread
+    started is that thread's and the program's."""
+    with open(f"/proc/self/task/{getpid()}/children") as f:
+        return [int(pid) for pid in f.read().split()]
 
 
 def children_of_self():

@@ -1,14 +1,27 @@
 # SignalWatch: the launcher's handled signals, blocked and read from a signalfd,
-# and the handler that brings one taken by an older thread to the watching thread.
+# and the handler that brings a signal taken by an older thread to the thread
+# that reads it (a SignalWatch's signals, a Supervisor's SIGCHLD).
 
-cdef pthread_t watching_thread  # the thread of the open SignalWatch
+cdef pthread_t redirect_targets[NSIG]  # the thread that reads each redirected signal
 
 
-cdef void redirect_to_watcher(int sig) noexcept nogil:
-    # A thread that does not block ``sig`` took it (one started before the watch,
-    # in a program that embeds the launcher): hand it to the watching thread,
-    # which blocks it, so it waits in the signalfd like any other.
-    pthread_kill(watching_thread, sig)
+cdef void redirect_to_reader(int sig) noexcept nogil:
+    # A thread that does not block ``sig`` took it (one started before the reader
+    # blocked it, in a program that embeds the launcher): hand it to the reading
+    # thread, which blocks it, so it waits in the signalfd like any other.
+    pthread_kill(redirect_targets[sig], sig)
+
+
+cdef int redirect_to_this_thread(int sig, sigaction_t *previous) except -1:
+    """Install the handler that sends ``sig``, whichever thread takes it, to the calling thread
+    (which blocks it and reads it from a signalfd); ``previous`` receives the action it replaces."""
+    cdef sigaction_t redirect
+    redirect_targets[sig] = pthread_self()
+    memset(&redirect, 0, sizeof(redirect))
+    redirect.sa_handler = redirect_to_reader
+    sigfillset(&redirect.sa_mask)
+    redirect.sa_flags = SA_RESTART
+    return check(sigaction(sig, &redirect, previous), "sigaction")
 
 
 cdef class SignalWatch:
@@ -27,7 +40,6 @@ cdef class SignalWatch:
 
     def __init__(self, signals):
         cdef sigset_t handled, blocked
-        cdef sigaction_t redirect
         cdef int error, number
         sigemptyset(&handled)
         numbers = []
@@ -46,14 +58,8 @@ cdef class SignalWatch:
         self.masked = True
         try:
             self.fd = check(signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC), "signalfd")
-            global watching_thread
-            watching_thread = pthread_self()
-            memset(&redirect, 0, sizeof(redirect))
-            redirect.sa_handler = redirect_to_watcher
-            sigfillset(&redirect.sa_mask)
-            redirect.sa_flags = SA_RESTART
             for number in self.signals:
-                check(sigaction(number, &redirect, &self.previous_actions[number]), "sigaction")
+                redirect_to_this_thread(number, &self.previous_actions[number])
                 self.redirected += 1
         except BaseException:
             self._release()

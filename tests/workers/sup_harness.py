@@ -4,7 +4,10 @@
 
 SPEC: {"nproc", "argv" (each "{rank}" becomes the local rank; or one argv per rank), "log_dir",
 "redirects", "tee", "local_ranks_filter", "prefix_template", "filters_out",
-"filters_err", "shutdown_timeout", "signals", "state"}. Once the workers run,
+"filters_err", "shutdown_timeout", "signals", "state", "threads"}. "threads": that many idle threads
+are started first, as a program that embeds the launcher may have (they block no signal); the
+harness then lets every worker exit and one of those threads take the SIGCHLD (no longer pending
+for the process) before it first waits on the group. Once the workers run,
 "state" gets {"launcher", "workers": {rank: pid}}; at the end, "<state>.exits"
 gets every exit and the harness's zombie children at that point. Exit code:
 0, 1 on a failure, 128+signum on a signal.
@@ -13,6 +16,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 
 from launcher.logs import LogsSpecs, Std
 from launcher.supervisor import EventKind, SignalWatch, WorkerGroup, WorkerLaunch
@@ -30,6 +35,8 @@ def main(spec_path):
     )
     attempt = logs.attempt("run", 0, "default", {r: r for r in range(nproc)}, spec.get("prefix_template"))
     signals = [signal.Signals[name] for name in spec.get("signals", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")]
+    for _ in range(spec.get("threads", 0)):
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
     with SignalWatch(signals) as watch:
         argvs = spec["argv"] if isinstance(spec["argv"][0], list) else [spec["argv"]] * nproc
         workers = [
@@ -47,6 +54,9 @@ def main(spec_path):
             print(f"error: {error}", file=sys.stderr)
             return 1
         write_json(spec["state"], {"launcher": os.getpid(), "workers": group.pids(), "attempt": attempt.directory})
+        if spec.get("threads"):
+            while not (all(zombie(pid) for pid in group.pids().values()) and not sigchld_pending()):
+                time.sleep(0.01)
         code = None
         while code is None:
             event = group.wait()
@@ -64,13 +74,24 @@ def main(spec_path):
         return code
 
 
+def zombie(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "Z"
+
+
+def sigchld_pending():
+    """Whether SIGCHLD is pending for the process as a whole (not yet taken by one of its threads)."""
+    with open("/proc/self/status") as status:
+        shared = int(next(line for line in status if line.startswith("ShdPnd:")).split()[1], 16)
+    return bool(shared >> (signal.SIGCHLD - 1) & 1)
+
+
 def zombie_children():
     zombies = []
     with open(f"/proc/self/task/{os.getpid()}/children") as f:
         for pid in f.read().split():
-            with open(f"/proc/{pid}/stat") as stat:
-                if stat.read().rpartition(")")[2].split()[0] == "Z":
-                    zombies.append(int(pid))
+            if zombie(pid):
+                zombies.append(int(pid))
     return zombies
 
 
