@@ -13,7 +13,7 @@ escape [wait]    start `sleep 300` in a session of its own, write its pid to DIR
 release PID      open the FIFO DIR/release for writing and close it, wait until process PID has exited, exit 0
 print N          print N numbered lines and exit 0 (the last one without a newline when DIR is "partial")
 flood N FILE     print N numbered lines, write DIR/<rank>.printed, exit 0 once FILE exists
-limits           write {"nofile": [soft, hard], "fds": open descriptors} to DIR/<rank>.limits as JSON, exit 0
+limits           write {"nofile": [soft, hard], "fds": {descriptor: what it is}} to DIR/<rank>.limits as JSON, exit 0
 stderr N         write N numbered lines to stderr and exit 1
 segv             kill itself with SIGSEGV
 exit CODE [FILE] exit with CODE (once FILE exists)
@@ -115,8 +115,13 @@ elif action == "flood":
         pass
     wait_until(lambda: os.path.exists(args[1]))
 elif action == "limits":
-    limits = {"nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
-              "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd"))}
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # listdir's own, closed by now
+            continue
+    limits = {"nofile": resource.getrlimit(resource.RLIMIT_NOFILE), "fds": fds}
     with open(os.path.join(directory, f"{rank}.limits"), "w") as f:
         json.dump(limits, f)
 elif action == "stderr":
