@@ -84,12 +84,13 @@ def launch_agent(config: LaunchConfig, entrypoint: Callable | str, args: list[An
         )
         handler = rendezvous.create_handler(params)
         node = agent.Agent(config, entrypoint, args, handler, signals)
-        shutdown = True
+        shutdown, failed = True, True
         try:
             result = node.run()
             if result.failed:
                 write_summary_json(os.path.join(result.attempt_dir, "failure.json"), name, result.failures)
                 raise ChildFailedError(name, result.failures)
+            failed = False
             return result.return_values
         except SignalException:
             shutdown = False
@@ -97,4 +98,4 @@ def launch_agent(config: LaunchConfig, entrypoint: Callable | str, args: list[An
             raise
         finally:
             if shutdown:
-                handler.shutdown()
+                handler.shutdown(failed=failed)

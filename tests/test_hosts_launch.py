@@ -95,13 +95,17 @@ def test_a_failure_on_the_second_host_stops_the_first_and_exits_1(sshd, tmp_path
     lines = result.stderr.splitlines()
     assert lines[-1] == f"launcher: error: the job failed on {SECOND} (its launcher exited with 1, the failure " \
                         f"summary above); stopped {FIRST}"
-    # SECOND's own failure summary, prefixed with its host, names the failed ranks and their exit code.
+    ready = sorted(path.name for path in tmp_path.glob("*.ready"))  # FIRST's workers'
+    assert len(ready) == 2
+    # SECOND's own failure summary, prefixed with its host, names its failed ranks (the two that FIRST's workers
+    # do not have: the nodes' ranks follow their addresses, the same here, then their launchers' pids) and
+    # their exit code.
+    second_ranks = {"0", "1", "2", "3"} - {name.removesuffix(".ready") for name in ready}
     summary = [line.removeprefix(f"{SECOND}: ") for line in lines if line.startswith(f"{SECOND}: ")]
     assert f"{WORKER} FAILED" in summary
-    assert [line for line in summary if re.fullmatch(r"  rank      : [23] \(local_rank: [01]\)", line)]
+    ranks = [re.fullmatch(r"  rank      : (\d) \(local_rank: [01]\)", line) for line in summary]
+    assert {rank[1] for rank in ranks if rank} <= second_ranks and any(ranks), summary
     assert [line for line in summary if re.fullmatch(r"  exitcode  : 3 \(pid: \d+\)", line)]
-    ready = sorted(path.name for path in tmp_path.glob("*.ready"))
-    assert len(ready) == 2
     for name in ready:  # FIRST's workers were stopped with SIGTERM
         assert (tmp_path / name.replace(".ready", ".signals")).read_text() == "SIGTERM\n"
 

@@ -137,3 +137,26 @@ def test_static_restart_starts_from_a_clean_store(launchers, tmp_path):
     all_succeed(procs)
     for rank in range(2 * NPROC):
         assert (tmp_path / f"attempt1_{rank}").read_text() == "sum=10 stale=[]\n"
+
+
+@pytest.mark.parametrize("backend", ["c10d", "etcd"])
+def test_a_node_whose_job_failed_closes_the_rendezvous_at_once_and_the_other_ends(request, launchers, tmp_path,
+                                                                                   backend):
+    # Node rank 0 serves the other (the workers' store; with c10d the rendezvous' store too): at a successful end
+    # it waits up to close_timeout for the other to leave. After its workers failed it waits for nobody.
+    worker = tmp_path / "worker.sh"
+    worker.write_text('if [ "$GROUP_RANK" = 0 ]; then exit 3; fi\nexec sleep 1000\n')
+    endpoint, run_id = rdzv_endpoint(backend, request), uuid.uuid4().hex
+    procs = [
+        start_launcher("--nproc-per-node=1", f"--local-addr={node_addr(n)}", "--monitor-interval=0.2",
+                       *rdzv_options(backend, 2, n, endpoint, run_id, CONF + ",close_timeout=600"),
+                       "--no-python", "bash", worker)
+        for n in range(2)
+    ]
+    launchers.extend(procs)
+    (failed_code, _, failed_err), (other_code, _, other_err) = finish(*procs, timeout=120)
+    assert failed_code == 1 and "bash FAILED" in failed_err, failed_err
+    assert other_code == 1 and "could not leave cleanly" not in failed_err + other_err, other_err
+    assert other_err.splitlines()[-1].startswith(f"launcher: error: rendezvous '{run_id}' ("), other_err
+    assert other_err.splitlines()[-1].endswith("is closed: the job finished or its nodes shut down; start a new job "
+                                               "with another --rdzv-id"), other_err

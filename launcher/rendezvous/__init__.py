@@ -175,8 +175,9 @@ class RendezvousHandler(ABC):
         """This node leaves (its agent got a signal); the others carry on."""
 
     @abstractmethod
-    def shutdown(self) -> None:
-        """Leave, and close the rendezvous when no other node of this node's round is left."""
+    def shutdown(self, failed: bool = False) -> None:
+        """Leave, and close the rendezvous when no other node of this node's round is left; when this
+        node's job ``failed`` for good, close it at once: the others have nothing left to finish."""
 
 
 # --------------------------------------------------------------------------

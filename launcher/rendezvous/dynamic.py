@@ -355,12 +355,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._leave(close_if_last=False)
         self._close()
 
-    def shutdown(self) -> None:
+    def shutdown(self, failed: bool = False) -> None:
         # Leave before the round ends: a node that serves the others waits in _leave until they have
         # left, and its workers' store must outlast their exit barrier. Our watcher stops first: it
         # reads the store the others are leaving.
         self._membership.stop()
-        self._leave(close_if_last=True)
+        self._leave(close_if_last=True, failed=failed)
         self._end_round()
         self._close()
 
@@ -590,9 +590,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
                                     settings.heartbeat_timeout, self._membership.signal)
         self._heartbeat.start()
 
-    def _leave(self, close_if_last: bool) -> None:
+    def _leave(self, close_if_last: bool, failed: bool = False) -> None:
         """Stop heartbeating and mark this node gone; at shutdown (close_if_last) a node that serves
-        the others closes the rendezvous once no other member of our round is left.
+        the others closes the rendezvous once no other member of our round is left, and a node
+        whose job failed closes it at once.
 
         Uses the heartbeat's connection, which the agent's signal does not interrupt.
 
@@ -604,7 +605,9 @@ class DynamicRendezvousHandler(RendezvousHandler):
         waiting for them, rather than letting them ignore a lost store, keeps a real loss visible.
         Each look costs one count; a member that died never counts itself, so the members still
         missing are checked for a heartbeat once a keep-alive interval. Marking ourselves gone
-        before waiting keeps rank 0 and the host from waiting for each other.
+        before waiting keeps rank 0 and the host from waiting for each other. After a failure the
+        rendezvous is closed at once (as torch's agent closes it): the others' workers run on until
+        that tells them the job is over, and the store's host alone waits, until they have read it.
         """
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is None:
@@ -617,10 +620,18 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 kv.mark_left(self._me.id, None)
                 return
             kv.mark_left(self._me.id, self._round + 1)
-            if not close_if_last or not (self._owned or self._serving):
+            if not close_if_last or not (failed or self._owned or self._serving):
                 return
-            if self._others_gone(kv) and kv.compare_set(_done_key(self._round + 1), None, CLOSED) == CLOSED:
-                log.info("rendezvous '%s' closed: no node of round %d is left", self.run_id, self._round)
+            done = _done_key(self._round + 1)
+            if failed:  # the closed rendezvous tells the others; the store's host serves until they have read it
+                closed = kv.compare_set(done, None, CLOSED) == CLOSED
+                if self._owned:
+                    self._others_gone(kv)
+            else:
+                closed = self._others_gone(kv) and kv.compare_set(done, None, CLOSED) == CLOSED
+            if closed:
+                log.info("rendezvous '%s' closed: %s", self.run_id,
+                         "this node's job failed" if failed else f"no node of round {self._round} is left")
         except (RendezvousError, StoreInterrupted) as exc:
             log.warning("rendezvous '%s': could not leave cleanly: %s", self.run_id, exc)
         finally:

@@ -191,7 +191,7 @@ class StaticRendezvousHandler(RendezvousHandler):
     def leave(self) -> None:
         self._close()
 
-    def shutdown(self) -> None:
+    def shutdown(self, failed: bool = False) -> None:
         self._close()
 
     # -- internals ----------------------------------------------------------
