@@ -16,8 +16,7 @@ from argparse import Namespace
 from typing import Callable, NoReturn
 
 from launcher.cli import UsageError
-from launcher.errors import ChildFailedError, SignalException, record_launch_failure
-from launcher.hosts import HostsError
+from launcher.errors import ChildFailedError, HostsError, SignalException, record_launch_failure
 from launcher.rendezvous import RendezvousError
 
 log = logging.getLogger("launcher")
