@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import LAUNCHER, REPO, TORCHRUN, Row, median
+from bench.common import LAUNCHER, TORCHRUN, Row, bench_env, median
 
 HERE = os.path.abspath(__file__)
 AFTER = 1.0  # seconds from the worker's request to its deadline, plus up to WATCHDOG_PERIOD
@@ -32,19 +32,17 @@ TARGET_MS = 50
 PF_EXITING = 0x4  # <linux/sched.h>
 
 
-def bench_env(directory: str) -> dict:
+def timer_env(directory: str) -> dict:
     """The timer enabled, its FIFO in ``directory`` (torchrun's watchdog kills its agent, which leaves the FIFO)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_", "SLURM_"))}
-    env.update(PYTHONPATH=REPO, TORCHELASTIC_ENABLE_FILE_TIMER="1",
-               TORCHELASTIC_TIMER_FILE=os.path.join(directory, "timer.fifo"))
-    return env
+    return {**bench_env(), "TORCHELASTIC_ENABLE_FILE_TIMER": "1",
+            "TORCHELASTIC_TIMER_FILE": os.path.join(directory, "timer.fifo")}
 
 
 def expiry_to_kill_ms(command: list[str]) -> float:
     """One launch of one worker whose timer expires; milliseconds from its deadline to its being killed."""
     with tempfile.TemporaryDirectory() as directory:
         proc = subprocess.Popen(command + ["--standalone", "--nproc-per-node=1", HERE, directory],
-                                env=bench_env(directory), cwd=directory,
+                                env=timer_env(directory), cwd=directory,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             ready = os.path.join(directory, "deadline")

@@ -2,8 +2,10 @@
 
 (a) Teardown latency: one worker exits 1 at a random instant it records; the others
     record when their SIGTERM handler runs. Latency = their instant - its,
-    over 4 x runs launches (torchrun's depends on where its 0.1 s monitor
-    period happens to be, so a few launches would not show it).
+    over 4 x runs launches each of ours, the minimal loop (bench/bare.py: epoll
+    on the pidfds, SIGTERM the others' process groups) and torchrun, taking
+    turns (torchrun's depends on where its 0.1 s monitor period happens to
+    be, so a few launches would not show it).
 (b) Idle cost: the launcher process's CPU time (utime+stime from /proc) while
     it supervises 32 idle workers for 10 s.
 
@@ -20,18 +22,14 @@ import sys
 import tempfile
 import time
 
-from bench.common import LAUNCHER, PYTHON, REPO, TORCHRUN, Row, percentile
+from bench import bare as bare_loop
+from bench.common import LAUNCHER, PYTHON, TORCHRUN, Row, bench_env, percentile
 
 HERE = os.path.abspath(__file__)
 NPROC = 4
 IDLE_WORKERS = 32
 IDLE_SECONDS = 10.0
-
-
-def bench_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_", "SLURM_"))}
-    env["PYTHONPATH"] = REPO
-    return env
+RATIO_TO_BARE = 2.0
 
 
 def launch(command: list[str], nproc: int, argv: list[str], directory: str) -> subprocess.Popen:
@@ -49,20 +47,26 @@ def torchrun(nproc: int, argv: list[str], directory: str) -> subprocess.Popen:
     return launch(TORCHRUN, nproc, argv, directory)
 
 
-def teardown_latencies(launch, runs: int) -> list[float]:
-    """Milliseconds from one worker's exit to each other worker's SIGTERM handler, over ``runs`` launches."""
-    samples = []
-    for _ in range(runs):
-        with tempfile.TemporaryDirectory() as directory:
-            proc = launch(NPROC, [PYTHON, HERE, directory], directory)
-            if proc.wait(timeout=120) == 0:
-                raise RuntimeError("the launch succeeded although a worker failed")
-            with open(os.path.join(directory, "exit")) as f:
-                exited = float(f.read())
-            for rank in range(1, NPROC):
-                with open(os.path.join(directory, f"{rank}.term")) as f:
-                    samples.append((float(f.read()) - exited) * 1000)
-    return samples
+def bare(nproc: int, argv: list[str], directory: str) -> subprocess.Popen:
+    """The minimal loop (bench/bare.py): epoll on the workers' pidfds, SIGTERM the others' process groups."""
+    args = [PYTHON, "-u", *argv[1:]] if argv[0] == PYTHON else argv
+    return subprocess.Popen([PYTHON, bare_loop.__file__, "teardown", str(nproc), *args], env=bench_env(),
+                            cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def teardown_latencies(launch) -> list[float]:
+    """Milliseconds from one worker's exit to each other worker's SIGTERM handler, in one launch."""
+    with tempfile.TemporaryDirectory() as directory:
+        proc = launch(NPROC, [PYTHON, HERE, directory], directory)
+        if proc.wait(timeout=120) == 0:
+            raise RuntimeError("the launch succeeded although a worker failed")
+        with open(os.path.join(directory, "exit")) as f:
+            exited = float(f.read())
+        samples = []
+        for rank in range(1, NPROC):
+            with open(os.path.join(directory, f"{rank}.term")) as f:
+                samples.append((float(f.read()) - exited) * 1000)
+        return samples
 
 
 def idle_cpu_percent(launch) -> float:
@@ -112,13 +116,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run(runs: int) -> list[Row]:
-    latency = {name: teardown_latencies(launch, 4 * runs) for name, launch in (("ours", ours), ("torchrun", torchrun))}
+    launchers = {"ours": ours, "bare": bare, "torchrun": torchrun}
+    latency = {name: [] for name in launchers}
+    for _ in range(4 * runs):  # the launchers take turns, so that a change in the machine's load falls on all
+        for name, launch in launchers.items():
+            latency[name] += teardown_latencies(launch)
     p50 = {name: percentile(samples, 50) for name, samples in latency.items()}
     cpu = {name: idle_cpu_percent(launch) for name, launch in (("ours", ours), ("torchrun", torchrun))}
     return [
         Row(f"teardown: worker exit -> others' SIGTERM, p50 ms ({NPROC} workers)", p50["ours"], p50["torchrun"],
             "torchrun", "ours < 5 ms and ours/peer <= 1/15",
             p50["ours"] < 5 and p50["ours"] * 15 <= p50["torchrun"]),
+        Row(f"teardown: worker exit -> others' SIGTERM, p50 ms ({NPROC} workers)", p50["ours"], p50["bare"],
+            "the minimal pidfd-to-kill loop", f"ours/peer <= {RATIO_TO_BARE:g}",
+            p50["ours"] <= p50["bare"] * RATIO_TO_BARE),
         Row(f"launcher CPU supervising {IDLE_WORKERS} idle workers (% of a core)", cpu["ours"], cpu["torchrun"],
             "torchrun", "ours < 1%", cpu["ours"] < 1),
     ]

@@ -36,6 +36,40 @@ class Row:
         return {**asdict(self), "ratio": self.ratio}
 
 
+def bench_env() -> dict:
+    """This environment without a launcher's or Slurm's variables, with the repository importable (bench.*)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_", "SLURM_"))}
+    env["PYTHONPATH"] = REPO
+    return env
+
+
+def wall_seconds(argv, *, env=None, timeout=120.0) -> float:
+    """From start to exit, output discarded. A wait with a timeout polls (up to 50 ms late); this one blocks,
+    and a timer ends a hang."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        code = proc.wait()
+    finally:
+        watchdog.cancel()
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {code}")
+    return wall
+
+
+def median_walls(measures: dict, runs: int) -> dict:
+    """The median of each measure (a function returning seconds), the measures taking turns run by run, so
+    that a change in the machine's load falls on all of them."""
+    walls = {name: [] for name in measures}
+    for _ in range(runs):
+        for name, measure in measures.items():
+            walls[name].append(measure())
+    return {name: median(values) for name, values in walls.items()}
+
+
 def median(values) -> float:
     return statistics.median(values)
 

@@ -7,17 +7,22 @@ binary runs no ``-m``, so this is how it is the legacy launcher too.
 import sys
 from typing import NoReturn
 
-from launcher import cli, launch
-from launcher.console import console_main
+from launcher import cli
+from launcher.console import console_main, exit_now
 
 LEGACY_LAUNCH = "--legacy-launch"
 
 
 def main_entry() -> NoReturn:
-    if sys.argv[1:2] == [LEGACY_LAUNCH]:
-        del sys.argv[1]  # the rest is the legacy launcher's command line
-        launch.main_entry(prog=f"launcher {LEGACY_LAUNCH}")
-    console_main("launcher", cli.parse_args, cli.prepare_run)
+    try:
+        if sys.argv[1:2] == [LEGACY_LAUNCH]:
+            from launcher import launch  # here: the legacy front-end is not on the start-up path of torchrun's
+
+            del sys.argv[1]  # the rest is the legacy launcher's command line
+            launch.main_entry(prog=f"launcher {LEGACY_LAUNCH}")
+        console_main("launcher", cli.parse_args, cli.prepare_run)
+    except SystemExit as done:
+        exit_now(done)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -349,6 +348,8 @@ class Agent:
 
     def _function_payload(self, attempt_logs: AttemptLogs) -> str:
         """Pickle the function and its arguments once per attempt, with the path to import it from."""
+        import pickle  # here: only a function entrypoint needs it
+
         path = os.path.join(attempt_logs.directory, "function.pkl")
         if not os.path.exists(path):
             with open(path, "wb") as out:
@@ -358,6 +359,8 @@ class Agent:
     def _return_values(self, attempt_logs: AttemptLogs, ranks: Ranks) -> dict[int, Any]:
         if not callable(self.entrypoint):
             return {}
+        import pickle
+
         values = {}
         for local_rank, worker_logs in attempt_logs.workers.items():
             with open(os.path.join(os.path.dirname(worker_logs.error_file), "return_value.pkl"), "rb") as f:

@@ -41,7 +41,6 @@ from typing import Callable, Collection, NoReturn
 import launcher
 from launcher.config import LaunchConfig, parse_signals
 from launcher.devices import NPROC_EXPECTED, NUMA_MODES, determine_local_world_size, nproc_per_node_ok, numa_bindings
-from launcher.hosts import NOT_PASSED, HostsLaunch, parse_export, parse_hosts, read_hostfile, take_signals_from_stdin
 from launcher.logs import LogsSpecs, Std
 from launcher.rendezvous.options import (
     BACKENDS,
@@ -408,19 +407,31 @@ def get_args_parser(prog: str = "launcher", multi_host: bool = True) -> Argument
     return parser
 
 
+def _hosts():
+    """launcher.hosts, imported once an option that needs it is given: a launch on this host alone does
+    without its imports (ssh, threads, ctypes), which would delay the workers' start."""
+    from launcher import hosts
+
+    return hosts
+
+
 def _add_multi_host_options(parser: ArgumentParser) -> None:
     group = parser.add_argument_group("several hosts over ssh (one launcher per host, started from here)")
     add = group.add_argument
-    add("--hosts", action=EnvDefault, type=_accepted_by(parse_hosts), default=None, metavar="HOST[:SLOTS],...",
+    add("--hosts", action=EnvDefault, type=_accepted_by(lambda value: _hosts().parse_hosts(value)), default=None,
+        metavar="HOST[:SLOTS],...",
         help="Run on these hosts: one launcher each over ssh, in this working directory, --nnodes the number of "
         "hosts, a c10d rendezvous on the first host (a free port there, a fresh --rdzv-id unless given), SLOTS "
         "workers per host (else --nproc-per-node). The single binary copies itself to a host that lacks it.")
-    add("--hostfile", action=EnvDefault, type=_accepted_by(read_hostfile), default=None, metavar="PATH",
+    add("--hostfile", action=EnvDefault, type=_accepted_by(lambda value: _hosts().read_hostfile(value)), default=None,
+        metavar="PATH",
         help="As --hosts, from a file of lines 'HOST slots=N' (DeepSpeed's and Open MPI's hostfile; # comments).")
     add("--ssh", action=EnvDefault, default="ssh", metavar="CMD",
         help="The ssh command line for --hosts, split as a shell would (e.g. \"ssh -F ~/.ssh/cluster -p 2222\"); "
         "its hosts must accept it without a password prompt.")
-    add("--export", action=EnvDefault, type=_accepted_by(parse_export), default="", metavar="NAME,PREFIX*,...",
+    # the default, nothing to export, is checked too (argparse applies the type to a default string)
+    add("--export", action=EnvDefault, type=_accepted_by(lambda value: value and _hosts().parse_export(value)),
+        default="", metavar="NAME,PREFIX*,...",
         help="With --hosts, also pass these variables to every host, besides PATH, LD_LIBRARY_PATH, NCCL_*, "
         "PYTHON*, TORCH*, OMP_NUM_THREADS, PET_* and TORCHELASTIC_* (those set here).")
     add("--signals-from-stdin", "--signals_from_stdin", action=EnvFlag,
@@ -652,9 +663,10 @@ def prepare_run(args: Namespace) -> Callable[[], None]:
     """The launch the arguments ask for, checked (ValueError) and ready to start: this node's, or with
     --hosts/--hostfile one launcher per host over ssh (launcher.hosts)."""
     if args.signals_from_stdin:
-        take_signals_from_stdin()
+        _hosts().take_signals_from_stdin()
     if args.hosts or args.hostfile:
-        return HostsLaunch(args, given_options(args, leave_out=NOT_PASSED)).run
+        hosts = _hosts()
+        return hosts.HostsLaunch(args, given_options(args, leave_out=hosts.NOT_PASSED)).run
     return functools.partial(launch, *prepare_launch(args))
 
 

@@ -8,6 +8,7 @@ in ``$TORCHELASTIC_ERROR_FILE`` when that is set (launcher.errors).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -16,8 +17,7 @@ from argparse import Namespace
 from typing import Callable, NoReturn
 
 from launcher.cli import UsageError
-from launcher.errors import ChildFailedError, SignalException, record_launch_failure
-from launcher.hosts import HostsError
+from launcher.errors import ChildFailedError, HostsError, SignalException, record_launch_failure
 from launcher.rendezvous import RendezvousError
 
 log = logging.getLogger("launcher")
@@ -72,6 +72,29 @@ def console_main(
         record_launch_failure(error)
         _failed(prog, error)
     sys.exit(0)
+
+
+def exit_now(done: SystemExit) -> NoReturn:
+    """End the program as ``done`` asks, as Python's own exit would, less its teardown.
+
+    Python's exit runs the atexit functions, flushes the standard streams
+    (a stream that cannot be flushed makes the status 120), then frees every
+    module and object one by one: some 10 ms after a launch, which nothing
+    needs (the workers, threads and files are ended by then, the kernel
+    closes the rest). This does the first two and exits.
+    """
+    if done.code is None or isinstance(done.code, int):
+        status = done.code or 0
+    else:  # sys.exit("message")
+        print(done.code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream
+            status = 120
+    os._exit(status)
 
 
 def _failed(prog: str, error: Exception) -> NoReturn:

@@ -18,14 +18,12 @@ as torchrun's ``determine_local_world_size`` does.
 """
 from __future__ import annotations
 
-import ctypes
 import glob
 import itertools
 import json
 import logging
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,26 +72,27 @@ class Gpu:
     pci_bus_id: str  # sysfs form "0000:3b:00.0" ("" for a MIG instance)
 
 
-class _PciInfo(ctypes.Structure):
-    # nvmlPciInfo_t (v3). The integer fields sit at the same offsets in every
-    # version of the struct, and the buffer is large enough for all of them.
-    _fields_ = [
-        ("busIdLegacy", ctypes.c_char * 16),
-        ("domain", ctypes.c_uint),
-        ("bus", ctypes.c_uint),
-        ("device", ctypes.c_uint),
-        ("pciDeviceId", ctypes.c_uint),
-        ("pciSubSystemId", ctypes.c_uint),
-        ("busId", ctypes.c_char * 32),
-    ]
-
-
 class NvmlError(Exception):
     pass
 
 
 def _nvml_gpus(library: str) -> list[Gpu]:
     """Every GPU NVML reports, in NVML order; NvmlError or OSError when NVML is unusable."""
+    import ctypes  # here: only counting GPUs needs it, not the launcher's start-up
+
+    class PciInfo(ctypes.Structure):
+        # nvmlPciInfo_t (v3). The integer fields sit at the same offsets in every
+        # version of the struct, and the buffer is large enough for all of them.
+        _fields_ = [
+            ("busIdLegacy", ctypes.c_char * 16),
+            ("domain", ctypes.c_uint),
+            ("bus", ctypes.c_uint),
+            ("device", ctypes.c_uint),
+            ("pciDeviceId", ctypes.c_uint),
+            ("pciSubSystemId", ctypes.c_uint),
+            ("busId", ctypes.c_char * 32),
+        ]
+
     nvml = ctypes.CDLL(library)
 
     def check(name: str, rc: int) -> None:
@@ -110,7 +109,7 @@ def _nvml_gpus(library: str) -> list[Gpu]:
             check("nvmlDeviceGetHandleByIndex_v2", nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)))
             uuid = ctypes.create_string_buffer(96)
             check("nvmlDeviceGetUUID", nvml.nvmlDeviceGetUUID(handle, uuid, len(uuid)))
-            pci = _PciInfo()
+            pci = PciInfo()
             check("nvmlDeviceGetPciInfo", nvml.nvmlDeviceGetPciInfo(handle, ctypes.byref(pci)))
             gpus.append(Gpu(uuid.value.decode("ascii"), f"{pci.domain:04x}:{pci.bus:02x}:{pci.device:02x}.0"))
         return gpus
@@ -349,6 +348,8 @@ def gpu_count() -> int:
 
 def plugin_device_count(device_type: str, python: str) -> int:
     """The devices of a torch plug-in backend, counted by torch in ``python``; ValueError with torch's reason."""
+    import subprocess  # here: only a plug-in's count needs it, not the launcher's start-up
+
     try:
         result = subprocess.run(
             [python, "-c", _PLUGIN_COUNT, device_type],

@@ -447,6 +447,11 @@ class ChildFailedError(Exception):
         super().__init__(self.summary)
 
 
+class HostsError(Exception):
+    """A multi-host launch (launcher.hosts) failed: a host could not be reached or prepared, or its launcher
+    failed; one line."""
+
+
 class SignalException(Exception):
     """The launcher received a signal it handles (``sigval``); torch's name and signature."""
 

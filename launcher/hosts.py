@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import IO, Callable
 
 from launcher.config import NOTIFYING_SIGNALS, parse_signals
-from launcher.errors import SignalException, signal_name
+from launcher.errors import HostsError, SignalException, signal_name
 from launcher.rendezvous.options import backend_config, host_ok, parse_rdzv_conf
 
 log = logging.getLogger("launcher")
@@ -71,10 +71,6 @@ DEFAULT_EXPORTS = ("NCCL_*", "PYTHON*", "TORCH*", "OMP_NUM_THREADS", "PET_*", "T
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EXPORT_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 _CACHE = '"${XDG_CACHE_HOME:-$HOME/.cache}/launcher"'  # the remote shell's per-user cache of copied launchers
-
-
-class HostsError(Exception):
-    """A multi-host launch failed: a host could not be reached or prepared, or its launcher failed; one line."""
 
 
 # The hosts ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ A SIGKILL that reaches the launcher after its bootloader is gone (or both at
 once, e.g. the OOM killer) leaves the unpack directory behind: nothing runs
 to remove it.
 """
+import atexit
 import ctypes
 import os
 import shutil
@@ -90,10 +91,10 @@ def main() -> None:
 
     from launcher.__main__ import main_entry
 
-    try:
-        main_entry()
-    finally:
-        remove_unpack_directory_if_orphaned()
+    # At the program's end, however it ends (the launcher exits through launcher.console.exit_now, which
+    # runs the atexit functions as Python's exit does).
+    atexit.register(remove_unpack_directory_if_orphaned)
+    main_entry()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ static.py's ``rank/`` and ``ready/``).
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import time
 from abc import ABC, abstractmethod
@@ -49,7 +48,7 @@ def node_address(local_addr: str | None) -> str:
 
 def node_id(addr: str) -> str:
     """A node's id in the records, unique per handler: ``<addr>_<pid>_<random>``."""
-    return f"{addr}_{os.getpid()}_{secrets.token_hex(4)}"
+    return f"{addr}_{os.getpid()}_{os.urandom(4).hex()}"
 
 
 def node_pid(node: str) -> str:
