@@ -41,8 +41,8 @@ class AgentEvent(Enum):
     RENDEZVOUS = "RENDEZVOUS"  # the agent: a rendezvous round ended (duration_ms)
     ASSIGN_WORKER_RANKS = "ASSIGN_WORKER_RANKS"  # the agent: this node's workers got their ranks (duration_ms)
     START = "START"  # a worker started
-    SUCCEEDED = "SUCCEEDED"  # a worker exited 0; the agent ran to its end, whatever its workers did
-    FAILED = "FAILED"  # a worker failed (exit_code, raw_error); the agent itself failed (raw_error: its traceback)
+    SUCCEEDED = "SUCCEEDED"  # a worker exited 0; the agent: every worker succeeded
+    FAILED = "FAILED"  # a worker failed (exit_code, raw_error); the agent: its workers or itself (raw_error)
     TERMINATED = "TERMINATED"  # a worker the agent stopped because another failed
     RESTARTING = "RESTARTING"  # ours: the group failed and restarts (raw_error: the root cause)
     MEMBERSHIP_CHANGED = "MEMBERSHIP_CHANGED"  # ours: a node waits to join; the group restarts with it
