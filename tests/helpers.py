@@ -4,6 +4,7 @@ The shared pytest fixtures are in conftest.py; this module holds plain functions
 """
 import json
 import os
+import platform
 import socket
 import struct
 import subprocess
@@ -12,10 +13,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(REPO, "tests", "workers")
 LAUNCHER = [sys.executable, "-m", "launcher"]
 TORCHRUN = [os.path.join(os.path.dirname(sys.executable), "torchrun")]  # the reference, from .venv
+# Runs a command as on an older kernel (or under Docker's default seccomp profile): the system calls it is
+# given fail with ENOSYS (tests/workers/sup_seccomp.py; its filters are x86_64's).
+SECCOMP = [sys.executable, os.path.join(WORKERS, "sup_seccomp.py")]
+x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filters are x86_64's")
 
 # The fake NVML's GPUs (tests/fake_nvml.c reads them from FAKE_NVML_UUIDS and FAKE_NVML_BUS_IDS).
 UUIDS = ["GPU-11111111-aaaa", "GPU-22222222-bbbb", "GPU-23333333-cccc"]

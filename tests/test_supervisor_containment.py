@@ -12,7 +12,19 @@ import subprocess
 import sys
 
 import pytest
-from helpers import LAUNCHER, REPO, WORKERS, cgroup_mounts, clean_env, dead, job_cgroups, wait_for, wait_until_ready
+from helpers import (
+    LAUNCHER,
+    REPO,
+    SECCOMP,
+    WORKERS,
+    cgroup_mounts,
+    clean_env,
+    dead,
+    job_cgroups,
+    wait_for,
+    wait_until_ready,
+    x86_64_only,
+)
 
 READONLY_CGROUPS = [sys.executable, os.path.join(WORKERS, "sup_readonly_cgroups.py")]
 WORKER = os.path.join(WORKERS, "sup_worker.py")
@@ -113,3 +125,19 @@ def test_kill_9_of_a_launcher_running_a_launcher_leaves_neither_cgroup(cgroup_mo
     finally:
         proc.kill()
         proc.communicate(timeout=30)
+
+
+@x86_64_only
+def test_without_clone3_each_worker_joins_the_jobs_cgroup_itself(tmp_path, escaped):
+    # Workers are born in the job's cgroup by clone3; where it fails with ENOSYS (Linux < 5.3, Docker's
+    # default seccomp profile) a plain fork's child joins it before it execs.
+    mode = usable("v2")
+    proc = subprocess.Popen(
+        [*SECCOMP, "clone3", *LAUNCHER, "--standalone", f"--nproc-per-node={NPROC}", WORKER, str(tmp_path), "escape"],
+        env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert [pid for pid in escaped() if not dead(pid)] == []
+    cgroup = job_cgroup(mode, tmp_path)
+    assert os.path.basename(cgroup).startswith("launcher-") and not os.path.exists(cgroup), cgroup

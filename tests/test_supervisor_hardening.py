@@ -5,7 +5,6 @@ Old kernels are made with a seccomp filter (tests/workers/sup_seccomp.py), every
 """
 import json
 import os
-import platform
 import resource
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 from helpers import (
     LAUNCHER,
     REPO,
+    SECCOMP,
     WORKERS,
     children,
     clean_env,
@@ -24,13 +24,10 @@ from helpers import (
     state,
     sup_worker,
     wait_for,
+    x86_64_only,
 )
 
 from launcher.supervisor import OutputRoute, Supervisor
-
-SECCOMP = [sys.executable, os.path.join(WORKERS, "sup_seccomp.py")]
-x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filters are x86_64's")
-
 
 # --- a console that goes away ----------------------------------------------------------------------
 

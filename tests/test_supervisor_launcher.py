@@ -1,13 +1,23 @@
 """Supervision guarantees through the real launcher: ``python -m launcher --standalone``."""
 import os
-import platform
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from helpers import LAUNCHER, REPO, WORKERS, clean_env, dead, finish, start_launcher, wait_for, wait_until_ready
+from helpers import (
+    LAUNCHER,
+    REPO,
+    SECCOMP,
+    WORKERS,
+    clean_env,
+    dead,
+    finish,
+    start_launcher,
+    wait_for,
+    wait_until_ready,
+    x86_64_only,
+)
 
 WORKER = os.path.join(WORKERS, "sup_worker.py")
 
@@ -80,12 +90,12 @@ def test_a_segfault_is_reported_with_its_signal_name(tmp_path):
     assert "SIGSEGV" in err
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter that hides pidfd_open is x86_64's")
+@x86_64_only
 @pytest.mark.parametrize("fail", [False, True])
 def test_without_pidfd_open_exits_are_seen_through_sigchld(tmp_path, fail):
     args = [f"{WORKERS}/env_dump.py", str(tmp_path)] + (["--fail-rank=1", "--exit-code=5"] if fail else [])
     result = subprocess.run(
-        [sys.executable, f"{WORKERS}/sup_seccomp.py", "pidfd_open", *LAUNCHER, "--standalone", "--nproc-per-node=3",
+        [*SECCOMP, "pidfd_open", *LAUNCHER, "--standalone", "--nproc-per-node=3",
          *args],
         capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=120,
     )

@@ -2,9 +2,10 @@
 
     sup_seccomp.py SYSCALL[,SYSCALL...] [--fatal-close-from=FD] COMMAND ARGS...    (x86_64 only)
 
-SYSCALL: pidfd_open (Linux < 5.3), close_range (Linux < 5.9). With --fatal-close-from, a close() of a
-descriptor FD or above kills the process that makes it: a spawn that closes descriptors it never
-opened dies instead of taking its time. The filter is inherited across exec and by every child.
+SYSCALL: pidfd_open (Linux < 5.3), clone3 (Linux < 5.3, and Docker's default profile), close_range
+(Linux < 5.9). With --fatal-close-from, a close() of a descriptor FD or above kills the process that
+makes it: a spawn that closes descriptors it never opened dies instead of taking its time. The filter
+is inherited across exec and by every child.
 """
 import ctypes
 import errno
@@ -16,7 +17,7 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 AUDIT_ARCH_X86_64 = 0xC000003E
-SYSCALLS = {"pidfd_open": 434, "close_range": 436}
+SYSCALLS = {"pidfd_open": 434, "clone3": 435, "close_range": 436}
 SYS_CLOSE = 3
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_KILL_PROCESS = 0x80000000
