@@ -26,7 +26,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 from bench import bare  # noqa: E402
-from bench.common import LAUNCHER, PYTHON, TORCHRUN, Row, bench_env, median  # noqa: E402
+from bench.common import LAUNCHER, PYTHON, TORCHRUN, Row, bench_env, median, write_whole  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 NPROC = 2
@@ -38,26 +38,20 @@ TIMEOUT = 300
 def worker(directory: str, with_torch: bool) -> None:
     rank = int(os.environ["RANK"])
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
-    write(os.path.join(directory, f"{attempt}.{rank}.first"), repr(FIRST_LINE))
+    write_whole(os.path.join(directory, f"{attempt}.{rank}.first"), repr(FIRST_LINE))
     if with_torch:
         import torch  # noqa: F401
     if attempt > 0:
         return
-    write(os.path.join(directory, f"{rank}.ready"), "")
+    write_whole(os.path.join(directory, f"{rank}.ready"), "")
     if rank == 0:
         while not all(os.path.exists(os.path.join(directory, f"{r}.ready")) for r in range(NPROC)):
             time.sleep(0.005)
         time.sleep(random.uniform(0, 0.05))  # out of step with anything periodic in a launcher
-        write(os.path.join(directory, "exit"), repr(time.time()))
+        write_whole(os.path.join(directory, "exit"), repr(time.time()))
         os._exit(1)
     while True:
         signal.pause()
-
-
-def write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.rename(path + ".tmp", path)
 
 
 def restart_ms(command: list[str], with_torch: bool) -> float | None:

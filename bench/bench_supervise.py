@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from bench import bare as bare_loop
-from bench.common import LAUNCHER, PYTHON, TORCHRUN, Row, bench_env, percentile
+from bench.common import LAUNCHER, PYTHON, TORCHRUN, Row, bench_env, percentile, write_whole
 
 HERE = os.path.abspath(__file__)
 NPROC = 4
@@ -142,23 +142,17 @@ def worker(directory: str) -> None:
             time.sleep(0.005)
         # A random instant, so that no launch is in step with a launcher's polling period.
         time.sleep(random.uniform(0, 0.2))
-        write(os.path.join(directory, "exit"), repr(time.time()))
+        write_whole(os.path.join(directory, "exit"), repr(time.time()))
         os._exit(1)
 
     def on_term(signum, frame):
-        write(os.path.join(directory, f"{rank}.term"), repr(time.time()))
+        write_whole(os.path.join(directory, f"{rank}.term"), repr(time.time()))
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
-    write(os.path.join(directory, f"{rank}.ready"), "")
+    write_whole(os.path.join(directory, f"{rank}.ready"), "")
     while True:
         signal.pause()
-
-
-def write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.rename(path + ".tmp", path)
 
 
 if __name__ == "__main__":

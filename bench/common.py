@@ -70,6 +70,13 @@ def median_walls(measures: dict, runs: int) -> dict:
     return {name: median(values) for name, values in walls.items()}
 
 
+def write_whole(path: str, text: str) -> None:
+    """Write path aside and rename it, so a reader sees it whole or not at all (the workers' records)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
+
+
 def median(values) -> float:
     return statistics.median(values)
 

@@ -160,29 +160,26 @@ def test_below_the_minimum_the_survivor_waits_for_a_replacement(request, launche
     check_world(later_round(job, first), 2, ["0", "1"])
 
 
-def test_a_lost_static_node_ends_the_other_with_one_line_naming_it(launchers, job):
+def static_node_lost(launchers, job, killed: int) -> tuple[str, list[str], str]:
+    """Two static nodes; once both run, node ``killed`` is killed with ``kill -9`` and the other ends (exit 1,
+    within BOUND, no traceback). The store's endpoint, the other's error lines and its stderr."""
     endpoint = f"{node_addr(0)}:{free_port(node_addr(0))}"
     procs = [launch(launchers, job, n, f"--rdzv-conf={STATIC_CONF}", *rdzv_options("static", 2, n, endpoint, "", ""))
              for n in range(2)]
     wait_for_round(job, 2, procs)
-    killed_at = kill(procs[1], job)
-    [(code, _, err)] = finish(procs[0])
+    killed_at = kill(procs[killed], job)
+    [(code, _, err)] = finish(procs[1 - killed])
     assert time.time() - killed_at < BOUND
     assert code == 1
-    errors = [line for line in err.splitlines() if line.startswith("launcher: error:")]
-    assert len(errors) == 1 and f"lost node rank 1 ({node_addr(1)})" in errors[0], err[-3000:]
     assert "Traceback" not in err
+    return endpoint, [line for line in err.splitlines() if line.startswith("launcher: error:")], err
+
+
+def test_a_lost_static_node_ends_the_other_with_one_line_naming_it(launchers, job):
+    _, errors, err = static_node_lost(launchers, job, killed=1)
+    assert len(errors) == 1 and f"lost node rank 1 ({node_addr(1)})" in errors[0], err[-3000:]
 
 
 def test_losing_the_static_store_host_ends_the_other_with_one_line(launchers, job):
-    endpoint = f"{node_addr(0)}:{free_port(node_addr(0))}"
-    procs = [launch(launchers, job, n, f"--rdzv-conf={STATIC_CONF}", *rdzv_options("static", 2, n, endpoint, "", ""))
-             for n in range(2)]
-    wait_for_round(job, 2, procs)
-    killed_at = kill(procs[0], job)
-    [(code, _, err)] = finish(procs[1])
-    assert time.time() - killed_at < BOUND
-    assert code == 1
-    errors = [line for line in err.splitlines() if line.startswith("launcher: error:")]
+    endpoint, errors, err = static_node_lost(launchers, job, killed=0)
     assert len(errors) == 1 and f"store {endpoint}" in errors[0], err[-3000:]
-    assert "Traceback" not in err
