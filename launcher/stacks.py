@@ -60,8 +60,10 @@ def _launcher_arm_stack_dump():
     try:
         import faulthandler
 
-        dump = open(os.path.join(directory, "%d.stack" % os.getpid()), "w")
+        path = os.path.join(directory, "%d.stack" % os.getpid())
+        dump = open(path + ".arming", "w")
         faulthandler.register({signum}, file=dump, all_threads=True, chain=False)
+        os.rename(path + ".arming", path)  # the file is there only once the handler is
     except Exception:
         pass  # the launcher then reports the worker's kernel state instead
 

@@ -133,6 +133,32 @@ def test_capture_of_an_armed_python_gives_its_threads(armed_python):
     assert process.poll() is None  # asking for a stack does not end it
 
 
+def test_the_dump_file_appears_only_once_the_handler_is_in_place(tmp_path):
+    # Its existence is what "armed" means to capture_stacks and to the fixture above: a file that appeared
+    # before faulthandler.register would have a worker reported as "did not arm" (or killed by the signal).
+    dumps = StackDumps()
+    env = clean_env()
+    dumps.arm(env)
+    code = (
+        "import faulthandler, os, sys\n"
+        "path = os.path.join(sys.argv[1], '%d.stack' % os.getpid())\n"
+        "real = faulthandler.register\n"
+        "def register(*args, **kwargs):\n"
+        "    print('before:', os.path.exists(path))\n"
+        "    real(*args, **kwargs)\n"
+        "faulthandler.register = register\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import sitecustomize\n"
+        "print('after:', os.path.exists(path))\n"
+    )
+    try:  # -S: the site module would import the sitecustomize before the spy is in place
+        result = subprocess.run([sys.executable, "-S", "-c", code, dumps.directory], env=env,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        dumps.close()
+    assert result.stdout.split("\n")[:2] == ["before: False", "after: True"], result.stdout + result.stderr
+
+
 def test_capture_is_bounded_and_says_why_a_stack_is_missing(armed_python):
     process, dumps = armed_python()
     os.kill(process.pid, signal.SIGSTOP)  # its handler cannot run
