@@ -21,9 +21,13 @@ Nothing is needed in the workers' environment and the script is unmodified:
   why there is no Python stack and gives its state, ``wchan`` and kernel
   stack from /proc (the kernel stack needs root).
 * Capturing is bounded: ``CAPTURE_SECONDS`` for every worker of one call together.
+* The directory goes with ``close()``; one whose launcher was killed (SIGKILL)
+  goes with the next ``StackDumps`` of the same user and ``$TMPDIR``: each
+  launcher holds a lock on its directory's owner file while it runs.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -35,6 +39,8 @@ __all__ = ["CAPTURE_SECONDS", "STACK_SIGNAL", "StackDumps", "capture_stacks", "p
 STACK_SIGNAL = signal.SIGRTMAX - 3  # real-time: no library of the workers' claims it
 CAPTURE_SECONDS = 2.0
 DUMP_DIRECTORY_ENV = "LAUNCHER_STACK_DUMP_DIR"
+_DIRECTORY_PREFIX = "launcher_stacks_"
+_OWNER_LOCK = ".owner"  # flocked by the launcher that made the directory, while it runs
 _POLL_SECONDS = 0.005  # how often a dump in progress is looked at, within CAPTURE_SECONDS
 
 # The workers' sitecustomize: plain Python 3 of any version, run before the worker's own code.
@@ -84,8 +90,11 @@ class StackDumps:
     """The launcher-owned directory that arms Python workers for :func:`capture_stacks`; ``close()`` removes it."""
 
     def __init__(self):
-        self.directory = tempfile.mkdtemp(prefix="launcher_stacks_")
+        _remove_abandoned(tempfile.gettempdir())
+        self.directory = tempfile.mkdtemp(prefix=_DIRECTORY_PREFIX)
+        self._owner_fd = -1
         try:
+            self._owner_fd = _hold_owner_lock(self.directory)
             with open(os.path.join(self.directory, "sitecustomize.py"), "w") as out:
                 out.write(_SITECUSTOMIZE.replace("{env}", DUMP_DIRECTORY_ENV).replace("{signum}", str(STACK_SIGNAL)))
         except BaseException:
@@ -100,6 +109,48 @@ class StackDumps:
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._owner_fd >= 0:  # only now: no sweep may take the directory of a launcher still running
+            os.close(self._owner_fd)
+            self._owner_fd = -1
+
+
+def _hold_owner_lock(directory: str) -> int:
+    """Lock the directory's owner file for as long as this launcher runs (the kernel drops the lock when the
+    process ends, however it ends); returns its descriptor. The file appears only once locked."""
+    path = os.path.join(directory, _OWNER_LOCK)
+    fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(path + ".new", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _remove_abandoned(parent: str) -> None:
+    """Remove this user's stack-dump directories in ``parent`` whose launcher ended without removing its own
+    (SIGKILL): their owner lock is free. One without an owner file is being made, or not a launcher's."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(_DIRECTORY_PREFIX):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            fd = os.open(os.path.join(entry.path, _OWNER_LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its launcher runs, or another sweep has it
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def capture_stacks(

@@ -14,11 +14,12 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, WORKERS, clean_env, run_launcher, wait_for
+from helpers import REPO, WORKERS, clean_env, dead, finish, run_launcher, start_launcher, wait_for
 
 from launcher.stacks import StackDumps, capture_stacks
 
 IGNORE_TERM = os.path.join(WORKERS, "hang_ignore_term.py")
+SLEEPER = os.path.join(WORKERS, "hang_sleeper.py")
 IGNORE_TERM_SH = os.path.join(WORKERS, "hang_ignore_term.sh")
 ENV_DUMP = os.path.join(WORKERS, "env_dump.py")
 BINARY = os.path.join(REPO, "dist", "launcher")
@@ -173,6 +174,36 @@ def test_capture_is_bounded_and_says_why_a_stack_is_missing(armed_python):
 
 def test_stack_dumps_removes_its_directory():
     dumps = StackDumps()
-    assert os.listdir(dumps.directory) == ["sitecustomize.py"]
+    assert sorted(os.listdir(dumps.directory)) == [".owner", "sitecustomize.py"]
     dumps.close()
     assert not os.path.exists(dumps.directory)
+
+
+def test_the_directory_of_a_killed_launcher_goes_with_the_next_launcher(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = clean_env(TMPDIR=tmp)
+
+    def sleeping_launcher(name):
+        (tmp_path / name).mkdir()
+        launcher = start_launcher("--nproc-per-node=1", SLEEPER, tmp_path / name, env=env)
+        wait_for(lambda: (tmp_path / name / "0.pid").exists() or launcher.poll() is not None, what="the worker")
+        assert launcher.poll() is None, launcher.communicate()
+        return launcher, int((tmp_path / name / "0.pid").read_text())
+
+    killed, its_worker = sleeping_launcher("killed")
+    (abandoned,) = tmp.glob("launcher_stacks_*")
+    killed.kill()
+    finish(killed)
+    wait_for(lambda: dead(its_worker), what="the guardian to end the killed launcher's worker")
+    assert abandoned.exists()
+    running, _ = sleeping_launcher("running")
+    (in_use,) = set(tmp.glob("launcher_stacks_*")) - {abandoned}
+    being_made = tmp / "launcher_stacks_made_now"  # no owner file yet: not taken
+    being_made.mkdir()
+    (tmp_path / "next").mkdir()
+    assert run_launcher("--nproc-per-node=1", ENV_DUMP, tmp_path / "next", env=env).returncode == 0
+    assert sorted(tmp.glob("launcher_stacks_*")) == sorted([in_use, being_made])
+    running.terminate()
+    finish(running)
+    assert sorted(tmp.glob("launcher_stacks_*")) == [being_made]
