@@ -73,6 +73,23 @@ def test_a_console_that_goes_away_drops_its_backlog_and_the_job_ends(harness, tm
             assert f.read() == text
 
 
+def test_a_console_that_goes_away_while_nothing_is_written_is_not_watched_in_a_loop(harness, tmp_path):
+    """``launcher | head`` with quiet workers: the console's reader is gone before anything was written to it."""
+    release = tmp_path / "release"
+    h = harness(sup_worker(tmp_path, "exit", 0, release))
+    wait_for(lambda: os.path.exists(h.state_path) or h.proc.poll() is not None, what="the workers to start")
+    launcher = json.loads(h.file("state"))["launcher"]
+    h.proc.stdout.close()  # the reader quits; epoll reports an error on the console from now on
+    # A measuring window, not a synchronisation: a launcher woken by that error at every turn would use it all.
+    used_before = cpu_seconds(launcher)
+    time.sleep(2.0)
+    assert cpu_seconds(launcher) - used_before < 0.2
+    release.touch()
+    code, _, err = h.finish(timeout=120)
+    assert code == 0, err
+    assert [e["exitcode"] for e in h.exits()] == [0, 0]
+
+
 # --- threads that take SIGCHLD ----------------------------------------------------------------------
 
 @x86_64_only

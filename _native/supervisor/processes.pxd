@@ -102,7 +102,7 @@ cdef class Supervisor:
     cdef int _pump(self, double deadline, int until) except -1
     cdef double _show_due_partials(self) except? -2
     cdef bint _holds(self, int until)
-    cdef int _dispatch(self, int source, uint32_t index) except -1
+    cdef int _dispatch(self, int source, uint32_t index, uint32_t events) except -1
     cdef int _drain(self, _Stream stream, int reads) except -1
     cdef int _flush_outputs(self) except -1
     cdef int _check_exit(self, _Worker worker) except -1

@@ -348,7 +348,7 @@ cdef class Supervisor:
                     continue
                 raise os_error(errno, "epoll_wait")
             for i in range(n):
-                self._dispatch(<int>(events[i].data.u64 >> 32), <uint32_t>events[i].data.u64)
+                self._dispatch(<int>(events[i].data.u64 >> 32), <uint32_t>events[i].data.u64, events[i].events)
 
     cdef double _show_due_partials(self) except? -2:
         """Show partial lines that waited PARTIAL_SHOW_DELAY for their newline; the next due time, -1: none."""
@@ -373,7 +373,7 @@ cdef class Supervisor:
             return all((<_Stream>s).fd < 0 for s in self.streams)
         return False
 
-    cdef int _dispatch(self, int source, uint32_t index) except -1:
+    cdef int _dispatch(self, int source, uint32_t index, uint32_t events) except -1:
         if source == SOURCE_PIPE:
             self._drain(self.streams[index], READS_PER_EVENT)
         elif source == SOURCE_PIDFD:
@@ -383,7 +383,12 @@ cdef class Supervisor:
         elif source == SOURCE_CHILDREN:
             self._read_children()
         elif source == SOURCE_CONSOLE:
-            (self.out if index == 0 else self.err).flush(self.epfd, False)
+            console = <_Console>(self.out if index == 0 else self.err)
+            if events & (EPOLLERR | EPOLLHUP):
+                # its reader is gone; epoll reports that whatever it was asked, at every turn
+                console._break(self.epfd)
+            else:
+                console.flush(self.epfd, False)
         elif source == SOURCE_WATCH:
             if <int>index not in self.ready_fds:
                 self.ready_fds.append(<int>index)
