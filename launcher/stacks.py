@@ -21,9 +21,10 @@ Nothing is needed in the workers' environment and the script is unmodified:
   why there is no Python stack and gives its state, ``wchan`` and kernel
   stack from /proc (the kernel stack needs root).
 * Capturing is bounded: ``CAPTURE_SECONDS`` for every worker of one call together.
-* The directory goes with ``close()``; one whose launcher was killed (SIGKILL)
-  goes with the next ``StackDumps`` of the same user and ``$TMPDIR``: each
-  launcher holds a lock on its directory's owner file while it runs.
+* The directory (in ``$TMPDIR/launcher_stacks-<uid>``) goes with ``close()``;
+  one whose launcher was killed (SIGKILL) goes with the next ``StackDumps`` of
+  the same user and ``$TMPDIR``: each launcher holds a lock on its directory's
+  owner file while it runs.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import fcntl
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 
@@ -90,8 +92,13 @@ class StackDumps:
     """The launcher-owned directory that arms Python workers for :func:`capture_stacks`; ``close()`` removes it."""
 
     def __init__(self):
-        _remove_abandoned(tempfile.gettempdir())
-        self.directory = tempfile.mkdtemp(prefix=_DIRECTORY_PREFIX)
+        parent = _users_directory()
+        if parent is not None:
+            _remove_abandoned(parent)
+        try:
+            self.directory = tempfile.mkdtemp(prefix=_DIRECTORY_PREFIX, dir=parent)
+        except FileNotFoundError:  # a cleaner of $TMPDIR removed the user's directory meanwhile
+            self.directory = tempfile.mkdtemp(prefix=_DIRECTORY_PREFIX)
         self._owner_fd = -1
         try:
             self._owner_fd = _hold_owner_lock(self.directory)
@@ -128,9 +135,28 @@ def _hold_owner_lock(directory: str) -> int:
     return fd
 
 
+def _users_directory() -> str | None:
+    """``$TMPDIR/launcher_stacks-<uid>``, where this user's launchers make their directories (so that finding
+    abandoned ones reads only those, not all of $TMPDIR); None when it is not this user's alone."""
+    path = os.path.join(tempfile.gettempdir(), f"{_DIRECTORY_PREFIX[:-1]}-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        made = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(made.st_mode) or made.st_uid != os.getuid() or made.st_mode & 0o077:
+        return None
+    return path
+
+
 def _remove_abandoned(parent: str) -> None:
-    """Remove this user's stack-dump directories in ``parent`` whose launcher ended without removing its own
-    (SIGKILL): their owner lock is free. One without an owner file is being made, or not a launcher's."""
+    """Remove the stack-dump directories in ``parent`` whose launcher ended without removing its own
+    (SIGKILL): their owner lock is free. One without an owner file is being made."""
     try:
         entries = list(os.scandir(parent))
     except OSError:
@@ -139,7 +165,7 @@ def _remove_abandoned(parent: str) -> None:
         if not entry.name.startswith(_DIRECTORY_PREFIX):
             continue
         try:
-            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            if not entry.is_dir(follow_symlinks=False):
                 continue
             fd = os.open(os.path.join(entry.path, _OWNER_LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -183,6 +184,7 @@ def test_the_directory_of_a_killed_launcher_goes_with_the_next_launcher(tmp_path
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = clean_env(TMPDIR=tmp)
+    users = tmp / f"launcher_stacks-{os.getuid()}"  # what a launcher looks through: this user's directories only
 
     def sleeping_launcher(name):
         (tmp_path / name).mkdir()
@@ -192,18 +194,32 @@ def test_the_directory_of_a_killed_launcher_goes_with_the_next_launcher(tmp_path
         return launcher, int((tmp_path / name / "0.pid").read_text())
 
     killed, its_worker = sleeping_launcher("killed")
-    (abandoned,) = tmp.glob("launcher_stacks_*")
+    assert oct(users.stat().st_mode & 0o777) == "0o700"
+    (abandoned,) = users.glob("launcher_stacks_*")
     killed.kill()
     finish(killed)
     wait_for(lambda: dead(its_worker), what="the guardian to end the killed launcher's worker")
     assert abandoned.exists()
     running, _ = sleeping_launcher("running")
-    (in_use,) = set(tmp.glob("launcher_stacks_*")) - {abandoned}
-    being_made = tmp / "launcher_stacks_made_now"  # no owner file yet: not taken
+    (in_use,) = set(users.glob("launcher_stacks_*")) - {abandoned}
+    being_made = users / "launcher_stacks_made_now"  # no owner file yet: not taken
     being_made.mkdir()
     (tmp_path / "next").mkdir()
     assert run_launcher("--nproc-per-node=1", ENV_DUMP, tmp_path / "next", env=env).returncode == 0
-    assert sorted(tmp.glob("launcher_stacks_*")) == sorted([in_use, being_made])
+    assert sorted(users.glob("launcher_stacks_*")) == sorted([in_use, being_made])
     running.terminate()
     finish(running)
-    assert sorted(tmp.glob("launcher_stacks_*")) == [being_made]
+    assert sorted(users.glob("launcher_stacks_*")) == [being_made]
+    assert not list(tmp.glob("launcher_stacks_*"))  # none made outside it
+
+
+def test_a_users_directory_that_is_not_theirs_alone_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    users = tmp_path / f"launcher_stacks-{os.getuid()}"
+    users.mkdir(mode=0o777)
+    users.chmod(0o777)  # as another user could have left it for us: anyone may write there
+    dumps = StackDumps()
+    try:
+        assert os.path.dirname(dumps.directory) == str(tmp_path)
+    finally:
+        dumps.close()
