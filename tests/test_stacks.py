@@ -107,17 +107,22 @@ def test_the_single_binary_captures_the_stack_too(tmp_path):
 
 @pytest.fixture
 def armed_python(tmp_path):
-    """Start a Python armed as a worker is, waiting in ``wait_here``; returns (process, dumps) once it is armed."""
+    """Start a Python armed as a worker is; returns (process, dumps) once it waits in ``wait_here`` (its
+    sitecustomize, which arms it, ran before)."""
     dumps = StackDumps()
     env = clean_env()
     dumps.arm(env)
     started = []
 
     def start():
-        code = "import time\ndef wait_here():\n    time.sleep(60)\nwait_here()\n"
-        process = subprocess.Popen([sys.executable, "-c", code], env=env)
+        waiting = tmp_path / f"waiting.{len(started)}"
+        code = ("import sys, time\n"
+                "def wait_here():\n    open(sys.argv[1], 'w').close()\n    time.sleep(60)\n"
+                "wait_here()\n")
+        process = subprocess.Popen([sys.executable, "-c", code, waiting], env=env)
         started.append(process)
-        wait_for(lambda: os.path.exists(os.path.join(dumps.directory, f"{process.pid}.stack")), what="arming")
+        wait_for(lambda: waiting.exists() or process.poll() is not None, what="the armed Python to wait")
+        assert os.path.exists(os.path.join(dumps.directory, f"{process.pid}.stack"))
         return process, dumps
 
     yield start
@@ -130,7 +135,7 @@ def armed_python(tmp_path):
 def test_capture_of_an_armed_python_gives_its_threads(armed_python):
     process, dumps = armed_python()
     stack = capture_stacks([process.pid], dumps.directory)[process.pid]
-    assert 'File "<string>", line 3 in wait_here' in stack
+    assert 'File "<string>", line 4 in wait_here' in stack
     assert "\nstate: " in stack and ", wchan: " in stack  # S, or R if it was still returning from the handler
     assert process.poll() is None  # asking for a stack does not end it
 
