@@ -17,6 +17,7 @@ from launcher.rendezvous import (
     RendezvousParameters,
     RendezvousTimeoutError,
     create_handler,
+    keyvalue,
     static,
 )
 from launcher.store import StoreInterrupted, TCPStore
@@ -130,6 +131,17 @@ def test_a_missing_node_times_out_naming_it(job, handlers, caplog, monkeypatch):
     assert "1 of 2 nodes arrived (rank 0 127.0.0.2); missing node rank(s) 1" in message
     lines = [r.getMessage() for r in caplog.records if "timeout in" in r.getMessage()]
     assert 2 <= len(lines) <= 6 and all("missing node rank(s) 1" in line for line in lines)
+
+
+def test_status_lines_come_once_an_interval_when_the_store_answers_at_once(job, handlers, caplog, monkeypatch):
+    # As the store does for a wait of under a millisecond (it counts in whole ones): "no news" at once.
+    monkeypatch.setattr(keyvalue.StoreBackend, "wait_news", lambda self, round, count, timeout: count)
+    monkeypatch.setattr(static, "STATUS_INTERVAL", 0.5)
+    handlers.append(create_handler(job(0, 2, timeout=2)))
+    with caplog.at_level(logging.WARNING, logger="launcher"), pytest.raises(RendezvousTimeoutError):
+        handlers[0].next_rendezvous()
+    lines = [r.getMessage() for r in caplog.records if "timeout in" in r.getMessage()]
+    assert 2 <= len(lines) <= 4, lines[:6]
 
 
 def test_without_node_0_the_others_wait_then_fail(job, handlers, caplog, monkeypatch):

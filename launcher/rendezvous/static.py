@@ -255,22 +255,27 @@ class StaticRendezvousHandler(RendezvousHandler):
         return [json.loads(r) for r in self._kv.joined(round)]
 
     def _wait(self, round: int, started: float, deadline: float, done: Callable[[float], bool]) -> None:
-        """Wait until ``done(timeout)`` says the barrier passed, with a status line every few seconds."""
+        """Wait until ``done(timeout)`` says the barrier passed, with a status line every STATUS_INTERVAL."""
+        status_at = time.monotonic() + STATUS_INTERVAL
         while True:
-            left = deadline - time.monotonic()
-            if left > 0 and done(min(left, STATUS_INTERVAL)):
+            now = time.monotonic()
+            # At least a millisecond: the store counts in whole ones, and less would return at once,
+            # again and again until the deadline.
+            if now < deadline and done(max(min(deadline, status_at) - now, 0.001)):
                 return
             self._fail_if_lost(round)
-            status = self._describe(round)
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise RendezvousTimeoutError(
                     f"static rendezvous '{self.run_id}' ({self._where}) timed out after "
-                    f"{time.monotonic() - started:.0f} s in round {round}: {status}"
+                    f"{now - started:.0f} s in round {round}: {self._describe(round)}"
                 )
-            log.warning(  # visible at the launcher's default log level
-                "static rendezvous '%s' round %d (%s): %s; timeout in %.0f s",
-                self.run_id, round, self._where, status, deadline - time.monotonic(),
-            )
+            if now >= status_at:
+                log.warning(  # visible at the launcher's default log level
+                    "static rendezvous '%s' round %d (%s): %s; timeout in %.0f s",
+                    self.run_id, round, self._where, self._describe(round), deadline - now,
+                )
+                status_at = now + STATUS_INTERVAL
 
     def _describe(self, round: int) -> str:
         arrived = sorted(self._arrived(round), key=lambda r: r["rank"])
