@@ -47,6 +47,21 @@ def setup_logging() -> None:
     log.propagate = False
 
 
+def open_standard_descriptors() -> None:
+    """Give /dev/null to stdin, stdout or stderr if the launcher was started with it closed (``>&-``), as
+    daemons do: else the next descriptor the launcher opens (a signalfd, a socket to the store, a log
+    file) takes its number, and the workers' output and the launcher's lines are written into that."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd, as the lower ones are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)  # as a standard descriptor is: the workers get it too
+
+
 def _usage_error(prog: str, error: ValueError) -> NoReturn:
     print(f"{prog}: error: {' '.join(str(error).split())} (see {prog} --help)", file=sys.stderr)
     sys.exit(2)
@@ -56,6 +71,7 @@ def console_main(
     prog: str, parse: Callable[[list[str]], Namespace], prepare: Callable[[Namespace], Callable[[], None]]
 ) -> NoReturn:
     """Parse ``sys.argv`` with ``parse``, ``prepare`` the launch, launch, and exit with the launch's status."""
+    open_standard_descriptors()
     try:
         setup_logging()
         launch = prepare(parse(sys.argv[1:]))
@@ -90,6 +106,8 @@ def exit_now(done: SystemExit) -> NoReturn:
         status = 1
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed (`>&-`): Python made no stream for it
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe, a closed stream

@@ -2,9 +2,10 @@
 import glob
 import json
 import os
+import subprocess
 
 import pytest
-from helpers import WORKERS, clean_env, help_imports, read_env, run_launcher, start_launcher
+from helpers import LAUNCHER, REPO, WORKERS, clean_env, help_imports, read_env, run_launcher, start_launcher
 
 TORCHRUN_ENV = [
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
@@ -190,3 +191,20 @@ def test_torch_record_traceback_is_the_root_cause_in_the_summary():
     assert "traceback : Traceback (most recent call last):" in summary
     assert "in load_batch" in summary and "ValueError: rank failed: bad batch" in summary
     assert "launcher/agent.py" not in result.stderr  # no launcher traceback
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr", "stdin stdout stderr"])
+def test_a_launcher_started_with_a_standard_descriptor_closed_gives_it_dev_null(tmp_path, closed):
+    """``launcher ... >&-``: else its first descriptor opened (a signalfd, a socket) would take that number."""
+    redirects = " ".join({"stdin": "<&-", "stdout": ">&-", "stderr": "2>&-"}[name] for name in closed.split())
+    result = subprocess.run(
+        ["bash", "-c", f'exec "$@" {redirects}', "bash", *LAUNCHER, "--standalone", "--nproc-per-node=1",
+         os.path.join(WORKERS, "parent_fds.py"), str(tmp_path)],
+        env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    links = json.loads((tmp_path / "0.json").read_text())  # what the launcher's 0, 1 and 2 were, seen by its worker
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        if name in closed.split():
+            assert links[str(fd)] == "/dev/null", links
