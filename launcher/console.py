@@ -1,8 +1,9 @@
 """A launch from the command line: its log lines, its one-line errors and its exit status.
 
-Exit status: 0 done; 1 failed (workers, or the rendezvous); 2 a bad flag or
-value, as ``<prog>: error: <what> (see <prog> --help)``; 128+N ended by
-signal N. The launcher's own log lines are glog-like on stderr, at
+Exit status: 0 done; 1 failed (workers, the rendezvous, or what the system
+refused: a program that cannot be executed, a directory that cannot be made,
+in one line); 2 a bad flag or value, as ``<prog>: error: <what> (see <prog>
+--help)``; 128+N ended by signal N. The launcher's own log lines are glog-like on stderr, at
 ``$LOGLEVEL``. A launch that failed, not a bad flag, leaves its root cause
 in ``$TORCHELASTIC_ERROR_FILE`` when that is set (launcher.errors).
 """
@@ -124,4 +125,8 @@ def _failed(prog: str, error: Exception) -> NoReturn:
         sys.exit(1)
     if isinstance(error, SignalException):
         sys.exit(128 + int(error.sigval))
+    if isinstance(error, OSError):  # what the system refused (a program, a directory), named in the message
+        log.debug("the launch failed", exc_info=error)
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)
     raise error

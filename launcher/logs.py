@@ -101,8 +101,12 @@ class LogsSpecs:
     def run_dir(self, run_id: str) -> str:
         """``<log_dir>/<run_id>_<random>``, made once per launcher run."""
         if self._run_dir is None:
-            os.makedirs(self.root_log_dir, exist_ok=True)
-            self._run_dir = tempfile.mkdtemp(prefix=f"{run_id}_", dir=self.root_log_dir)
+            try:
+                os.makedirs(self.root_log_dir, exist_ok=True)
+                self._run_dir = tempfile.mkdtemp(prefix=f"{run_id}_", dir=self.root_log_dir)
+            except OSError as error:
+                raise OSError(error.errno, f"cannot make the log directory: {error.strerror}", error.filename) \
+                    from None
         return self._run_dir
 
     def attempt(

@@ -138,6 +138,20 @@ def test_a_bad_value_found_during_the_launch_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_what_the_system_refuses_during_the_launch_is_one_line_and_exit_1(tmp_path):
+    (tmp_path / "file").write_text("")
+    cannot_execute = run_launcher("--standalone", "--nproc-per-node=2", "--no-python", tmp_path / "no-such-program")
+    no_log_dir = run_launcher(f"--log-dir={tmp_path / 'file' / 'logs'}", f"{WORKERS}/env_dump.py", tmp_path)
+    assert cannot_execute.returncode == no_log_dir.returncode == 1
+    assert cannot_execute.stderr.strip().splitlines()[-1] == (
+        f"launcher: error: [Errno 2] cannot execute: No such file or directory: '{tmp_path / 'no-such-program'}'"
+    )
+    assert no_log_dir.stderr.strip().splitlines()[-1] == (
+        f"launcher: error: [Errno 20] cannot make the log directory: Not a directory: '{tmp_path / 'file' / 'logs'}'"
+    )
+    assert "Traceback" not in cannot_execute.stderr + no_log_dir.stderr
+
+
 @pytest.mark.parametrize("visible, expected", [(None, ["0", "1"]), ("5,7", ["5", "7"])])
 def test_virtual_local_rank_gives_each_worker_device_0_of_its_own(tmp_path, visible, expected):
     env = clean_env() if visible is None else clean_env(CUDA_VISIBLE_DEVICES=visible)
