@@ -3,9 +3,10 @@
 Exit status: 0 done; 1 failed (workers, the rendezvous, or what the system
 refused: a program that cannot be executed, a directory that cannot be made,
 in one line); 2 a bad flag or value, as ``<prog>: error: <what> (see <prog>
---help)``; 128+N ended by signal N. The launcher's own log lines are glog-like on stderr, at
-``$LOGLEVEL``. A launch that failed, not a bad flag, leaves its root cause
-in ``$TORCHELASTIC_ERROR_FILE`` when that is set (launcher.errors).
+--help)``; 128+N ended by signal N. The launcher's own log lines are
+glog-like on stderr, at ``$LOGLEVEL``. A launch that failed, not a bad flag,
+leaves its root cause in ``$TORCHELASTIC_ERROR_FILE`` when that is set
+(launcher.errors).
 """
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ def _hold_owner_lock(directory: str) -> int:
 def _users_directory() -> str | None:
     """``$TMPDIR/launcher_stacks-<uid>``, where this user's launchers make their directories (so that finding
     abandoned ones reads only those, not all of $TMPDIR); None when it is not this user's alone."""
-    path = os.path.join(tempfile.gettempdir(), f"{_DIRECTORY_PREFIX[:-1]}-{os.getuid()}")
+    path = os.path.join(tempfile.gettempdir(), f"launcher_stacks-{os.getuid()}")
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
