@@ -107,6 +107,35 @@ def test_two_nodes_with_the_same_rank(job, handlers):
     assert "node rank 1 is already taken by 127.0.0." in str(errors[0]) and "own --node-rank" in str(errors[0])
 
 
+def test_a_node_arriving_before_the_running_node_of_its_rank_first_beats_is_told(job, handlers, monkeypatch):
+    # A static node's heartbeat starts just after its first round completes: a node of the same rank
+    # arriving in between took the rank of the next round and waited there alone until its timeout.
+    first_beat, go_on = threading.Event(), threading.Event()
+    beat = keyvalue.StoreBackend.heartbeat
+
+    def held_beat(kv, node_id):
+        if threading.current_thread().name.startswith("rank 1"):
+            first_beat.set()
+            go_on.wait(60)
+        beat(kv, node_id)
+
+    monkeypatch.setattr(keyvalue.StoreBackend, "heartbeat", held_beat)
+    handlers += [create_handler(job(0, 2)), create_handler(job(1, 2))]
+    rank1 = ThreadPoolExecutor(1, thread_name_prefix="rank 1")
+    try:
+        running = rank1.submit(handlers[1].next_rendezvous)
+        handlers[0].next_rendezvous()  # round 0 is complete
+        assert first_beat.wait(30)  # and node rank 1 has not beaten yet
+        late = create_handler(job(1, 2, at=7, timeout="5"))
+        handlers.append(late)
+        with pytest.raises(RendezvousError, match="node rank 1 is already taken by 127.0.0.3"):
+            late.next_rendezvous()
+    finally:
+        go_on.set()
+        rank1.shutdown()
+    assert running.result(timeout=30).round == 0
+
+
 def test_a_node_arriving_with_the_rank_of_a_running_node_is_told_at_once(job, handlers):
     handlers += [create_handler(job(0, 2)), create_handler(job(1, 2))]
     together([handlers[0].next_rendezvous, handlers[1].next_rendezvous])  # round 0 runs

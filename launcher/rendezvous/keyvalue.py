@@ -262,8 +262,16 @@ class StoreBackend(KeyValueBackend):
             beats = [self.get(f"hb/{node_ids[0]}") or _LEFT]
         else:  # every node heartbeats before its first join record, so these keys exist
             beats = self._call(self._store.multi_get, [self._key(f"hb/{i}") for i in node_ids])
-        oldest = time.time() - self._liveness
-        return {i for i, beat in zip(node_ids, beats) if beat != _LEFT and float(beat) >= oldest}
+        return {i for i, beat in zip(node_ids, beats) if self._fresh(beat)}
+
+    def running(self, node_id: str) -> bool:
+        """Whether ``node_id`` of a completed round still runs: alive, or not beating yet (a static
+        node's heartbeat starts just after its first round completes)."""
+        beat = self.get(f"hb/{node_id}")
+        return beat is None or self._fresh(beat)
+
+    def _fresh(self, beat: bytes) -> bool:
+        return beat != _LEFT and float(beat) >= time.time() - self._liveness
 
     def set_timeout(self, timeout: float) -> None:
         self._store.set_timeout(timeout)

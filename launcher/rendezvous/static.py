@@ -120,7 +120,7 @@ class StaticRendezvousHandler(RendezvousHandler):
             # Arriving while a round runs: its node of this rank, if alive, holds the rank (checked before
             # claiming it in the next round, which would keep that node out of it).
             running = kv.get(f"rank/{round - 1}/{self._rank}")
-            if running is not None and kv.alive([json.loads(running)["id"]]):
+            if running is not None and kv.running(json.loads(running)["id"]):
                 held = running
         held = held or kv.compare_set(f"rank/{round}/{self._rank}", None, record)
         if held != record:
