@@ -1,9 +1,9 @@
-/* The two places where the launcher forks: a worker (fork, set up, exec) and
- * the guardian (fork, then wait for the launcher to go away).
+/* The two places where the launcher starts a child: a worker (clone, set up,
+ * exec) and the guardian (fork, then wait for the launcher to go away).
  *
- * Both children run in a copy of a multi-threaded process, so between fork
- * and exec/_exit they make only async-signal-safe calls on memory prepared
- * before the fork. Every call's result is checked; a worker that cannot be
+ * Both children start from a multi-threaded process (a worker's shares its
+ * memory, see launcher_clone3_run), so before exec/_exit they make only
+ * system calls, on memory prepared before the clone. Every call's result is checked; a worker that cannot be
  * set up or executed reports {stage, errno} through a CLOEXEC pipe, which
  * reads empty in the parent once exec has succeeded.
  */
@@ -189,6 +189,8 @@ static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t 
 #ifndef SYS_clone3
 #define SYS_clone3 435
 #endif
+#define LAUNCHER_CLONE_VM 0x100ULL
+#define LAUNCHER_CLONE_VFORK 0x4000ULL
 #define LAUNCHER_CLONE_INTO_CGROUP 0x200000000ULL
 
 /* clone3's arguments, <linux/sched.h>'s struct clone_args up to the cgroup (Linux 5.7). */
@@ -206,37 +208,113 @@ struct launcher_clone_args {
     uint64_t cgroup;
 };
 
-/* fork(), the child born in the job's cgroup where the kernel can (cgroup v2, Linux 5.7): a process that
- * moves itself in takes the hierarchy's write lock, which waits out an RCU grace period, 6 to 20 ms at the
- * start of each attempt. *joined says whether the child is in the cgroup already; where the kernel cannot
- * (an older kernel, a v1 cgroup, any error), a plain fork and the child joins by itself, which reports the
- * error if there is one. Only system calls on both sides, as fork's child may make. */
-static pid_t launcher_fork_into(const struct launcher_cgroup *cgroup, int *joined) {
-    *joined = 0;
-    if (cgroup && cgroup->version == 2) {
-        int dir = open(cgroup->directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dir >= 0) {
-            struct launcher_clone_args args;
-            memset(&args, 0, sizeof args);
-            args.flags = LAUNCHER_CLONE_INTO_CGROUP;
-            args.exit_signal = SIGCHLD;
-            args.cgroup = (uint64_t)dir;
-            pid_t pid = (pid_t)syscall(SYS_clone3, &args, sizeof args);
-            if (pid >= 0) {
-                *joined = 1;
-                if (pid > 0) close(dir); /* the child's copy goes with the descriptors it closes */
-                return pid;
-            }
-            close(dir);
-        }
-    }
-    return fork();
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+/* A worker is started as posix_spawn starts one, sharing the launcher's memory
+ * (CLONE_VM) while the calling thread waits for its exec (CLONE_VFORK): fork()
+ * copies the page tables of the whole launcher and the child's exec tears the
+ * copy down again, about a millisecond of each attempt per worker. Such a
+ * child must not return through the caller's frames, which the parent still
+ * needs, so it starts on a stack of its own and calls fn(arg) there; fn never
+ * returns. Returns the child's pid, or -errno. Only x86_64 has this stub;
+ * elsewhere workers are forked, and so they are under AddressSanitizer (make
+ * asan), whose stack bookkeeping cannot follow a child running on a stack in
+ * the parent's frame: there it checks the same child code after a fork. */
+#define LAUNCHER_SPAWN_SHARES_MEMORY 1
+#ifdef __cplusplus
+extern "C"
+#endif
+__attribute__((visibility("hidden"))) long launcher_clone3_run(struct launcher_clone_args *args, size_t size,
+                                                               void (*fn)(void *), void *arg);
+__asm__(
+    ".pushsection .text\n"
+    ".globl launcher_clone3_run\n"
+    ".hidden launcher_clone3_run\n"
+    ".type launcher_clone3_run, @function\n"
+    ".p2align 4\n"
+    "launcher_clone3_run:\n"
+    "    mov %rcx, %r8\n" /* arg: syscall clobbers rcx */
+    "    mov $435, %eax\n"
+    "    syscall\n"
+    "    test %rax, %rax\n"
+    "    jz 1f\n"
+    "    ret\n"
+    "1:  xor %ebp, %ebp\n" /* the child, on its own stack: the outermost frame */
+    "    mov %r8, %rdi\n"
+    "    call *%rdx\n"
+    "    mov $60, %eax\n" /* exit(127), were fn ever to return */
+    "    mov $127, %edi\n"
+    "    syscall\n"
+    "    hlt\n"
+    ".size launcher_clone3_run, .-launcher_clone3_run\n"
+    ".popsection\n");
+#else
+#define LAUNCHER_SPAWN_SHARES_MEMORY 0
+#endif
+
+/* What the child of launcher_spawn needs, and whether it was born in the job's cgroup. */
+struct launcher_child {
+    const struct launcher_spawn_spec *spec;
+    pid_t parent;
+    int report_fd;
+    int joined;
+};
+
+static void launcher_child_main(void *child) {
+    const struct launcher_child *c = (const struct launcher_child *)child;
+    launcher_worker_child(c->spec, c->parent, c->report_fd, c->joined);
 }
 
-/* Fork and exec one worker. Returns its pid once exec has succeeded; -1 with
+/* Start the worker's child, born in the job's cgroup where the kernel can (cgroup v2, Linux 5.7): a
+ * process that moves itself in takes the hierarchy's write lock, which waits out an RCU grace period, 6 to
+ * 20 ms at the start of each attempt. Where it cannot (a v1 cgroup, any error) the child joins by itself,
+ * which reports the error if there is one; without clone3 (Linux < 5.3, Docker's default seccomp profile),
+ * a plain fork(). Returns the pid in the parent; ``stack`` is the child's when it shares the memory. */
+static pid_t launcher_clone_child(struct launcher_child *child, char *stack, size_t stack_size) {
+    const struct launcher_cgroup *cgroup = child->spec->cgroup;
+    int dir = cgroup && cgroup->version == 2 ? open(cgroup->directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    pid_t pid = -1;
+    for (int into = dir >= 0; into >= 0; into--) { /* into the cgroup, then without it */
+        struct launcher_clone_args args;
+        memset(&args, 0, sizeof args);
+        args.exit_signal = SIGCHLD;
+        if (into) {
+            args.flags = LAUNCHER_CLONE_INTO_CGROUP;
+            args.cgroup = (uint64_t)dir;
+        }
+        child->joined = into;
+#if LAUNCHER_SPAWN_SHARES_MEMORY
+        args.flags |= LAUNCHER_CLONE_VM | LAUNCHER_CLONE_VFORK;
+        args.stack = (uint64_t)(uintptr_t)stack;
+        args.stack_size = stack_size;
+        long result = launcher_clone3_run(&args, sizeof args, launcher_child_main, child);
+        if (result < 0) errno = (int)-result;
+        pid = result < 0 ? -1 : (pid_t)result;
+#else
+        (void)stack;
+        (void)stack_size;
+        pid = (pid_t)syscall(SYS_clone3, &args, sizeof args);
+        if (pid == 0) launcher_child_main(child);
+#endif
+        if (pid >= 0 || errno == ENOSYS) break;
+    }
+    if (dir >= 0) {
+        int clone_errno = errno;
+        close(dir); /* the child's copy goes with the descriptors it closes */
+        errno = clone_errno;
+    }
+    if (pid >= 0 || errno != ENOSYS) return pid;
+    child->joined = 0;
+    pid = fork();
+    if (pid == 0) launcher_child_main(child);
+    return pid;
+}
+
+/* Start and exec one worker. Returns its pid once exec has succeeded; -1 with
  * errno set and *stage naming the failed step otherwise (the child is reaped). */
 static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) {
     int report[2];
+    /* the child's stack when it shares the launcher's memory: this thread waits meanwhile */
+    alignas(16) char stack[64 * 1024];
     *stage = LAUNCHER_STAGE_SETUP;
     if (pipe2(report, O_CLOEXEC) != 0) return -1;
     /* No launcher signal handler may run in the child before it resets them. */
@@ -249,13 +327,8 @@ static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) 
         errno = error;
         return -1;
     }
-    pid_t parent = getpid();
-    int joined;
-    pid_t pid = launcher_fork_into(spec->cgroup, &joined);
-    if (pid == 0) {
-        close(report[0]);
-        launcher_worker_child(spec, parent, report[1], joined);
-    }
+    struct launcher_child child = {spec, getpid(), report[1], 0};
+    pid_t pid = launcher_clone_child(&child, stack, sizeof stack);
     int fork_errno = errno;
     error = pthread_sigmask(SIG_SETMASK, &previous, NULL);
     close(report[1]);
