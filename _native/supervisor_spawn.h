@@ -266,43 +266,37 @@ static void launcher_child_main(void *child) {
 
 /* Start the worker's child, born in the job's cgroup where the kernel can (cgroup v2, Linux 5.7): a
  * process that moves itself in takes the hierarchy's write lock, which waits out an RCU grace period, 6 to
- * 20 ms at the start of each attempt. Where it cannot (a v1 cgroup, any error) the child joins by itself,
- * which reports the error if there is one; without clone3 (Linux < 5.3, Docker's default seccomp profile),
- * a plain fork(). Returns the pid in the parent; ``stack`` is the child's when it shares the memory. */
+ * 20 ms at the start of each attempt. Where clone3 fails (Linux < 5.3, Docker's default seccomp profile, a
+ * cgroup it cannot clone into) a plain fork(), and the child joins by itself, which reports the error if
+ * there is one. Returns the pid in the parent; ``stack`` is the child's when it shares the memory. */
 static pid_t launcher_clone_child(struct launcher_child *child, char *stack, size_t stack_size) {
     const struct launcher_cgroup *cgroup = child->spec->cgroup;
     int dir = cgroup && cgroup->version == 2 ? open(cgroup->directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    struct launcher_clone_args args;
+    memset(&args, 0, sizeof args);
+    args.exit_signal = SIGCHLD;
+    if (dir >= 0) {
+        args.flags = LAUNCHER_CLONE_INTO_CGROUP;
+        args.cgroup = (uint64_t)dir;
+    }
+    child->joined = dir >= 0;
     pid_t pid = -1;
-    for (int into = dir >= 0; into >= 0; into--) { /* into the cgroup, then without it */
-        struct launcher_clone_args args;
-        memset(&args, 0, sizeof args);
-        args.exit_signal = SIGCHLD;
-        if (into) {
-            args.flags = LAUNCHER_CLONE_INTO_CGROUP;
-            args.cgroup = (uint64_t)dir;
-        }
-        child->joined = into;
 #if LAUNCHER_SPAWN_SHARES_MEMORY
-        args.flags |= LAUNCHER_CLONE_VM | LAUNCHER_CLONE_VFORK;
-        args.stack = (uint64_t)(uintptr_t)stack;
-        args.stack_size = stack_size;
-        long result = launcher_clone3_run(&args, sizeof args, launcher_child_main, child);
-        if (result < 0) errno = (int)-result;
-        pid = result < 0 ? -1 : (pid_t)result;
+    args.flags |= LAUNCHER_CLONE_VM | LAUNCHER_CLONE_VFORK;
+    args.stack = (uint64_t)(uintptr_t)stack;
+    args.stack_size = stack_size;
+    long result = launcher_clone3_run(&args, sizeof args, launcher_child_main, child);
+    if (result >= 0) pid = (pid_t)result;
 #else
-        (void)stack;
-        (void)stack_size;
+    (void)stack;
+    (void)stack_size;
+    if (dir >= 0) {
         pid = (pid_t)syscall(SYS_clone3, &args, sizeof args);
         if (pid == 0) launcher_child_main(child);
+    }
 #endif
-        if (pid >= 0 || errno == ENOSYS) break;
-    }
-    if (dir >= 0) {
-        int clone_errno = errno;
-        close(dir); /* the child's copy goes with the descriptors it closes */
-        errno = clone_errno;
-    }
-    if (pid >= 0 || errno != ENOSYS) return pid;
+    if (dir >= 0) close(dir); /* the child's copy goes with the descriptors it closes */
+    if (pid >= 0) return pid;
     child->joined = 0;
     pid = fork();
     if (pid == 0) launcher_child_main(child);
