@@ -76,7 +76,7 @@ class HangWatch:
         self._in_d_state_since: dict[int, float] = {}  # pid -> monotonic time it was first seen in D
         self.stack_dumps = StackDumps()
         try:
-            self.timers = FileTimerServer.from_environment(environ)
+            self.timers = FileTimerServer.from_environment(environ, self.stack_dumps.directory)
         except BaseException:
             self.stack_dumps.close()
             raise

@@ -89,7 +89,8 @@ except ImportError as error:
 
 
 class StackDumps:
-    """The launcher-owned directory that arms Python workers for :func:`capture_stacks`; ``close()`` removes it."""
+    """The launcher-owned directory that arms Python workers for :func:`capture_stacks` (and holds the timer's
+    FIFO); ``close()`` removes it, as the next launcher does should this one be killed."""
 
     def __init__(self):
         parent = _users_directory()

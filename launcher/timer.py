@@ -1,8 +1,10 @@
 """torch's file timer, served by the agent: ``torch.distributed.elastic.timer.FileTimerClient`` works unchanged.
 
 With ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` the agent serves a FIFO at
-``TORCHELASTIC_TIMER_FILE`` (else at a fresh path in the temporary
-directory), which every worker finds in ``TORCHELASTIC_TIMER_FILE``. torch
+``TORCHELASTIC_TIMER_FILE`` (else at a fresh path, torch's
+``watchdog_timer_<uuid>``, in the launcher's own directory, which the next
+launcher removes should this one be killed), which every worker finds in
+``TORCHELASTIC_TIMER_FILE``. torch
 2.13's client writes one JSON request a line (``FileTimerRequest.to_json``)::
 
     {"version": 1, "pid": <worker pid>, "scope_id": "<scope>", "expiration_time": <epoch seconds>, "signal": <n>}
@@ -32,7 +34,6 @@ import math
 import os
 import signal
 import stat
-import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Collection, Mapping
@@ -63,14 +64,15 @@ class FileTimerServer:
     """The FIFO and the timers its requests set; ``close()`` removes the FIFO when this server made it."""
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str]) -> FileTimerServer | None:
-        """The server torchrun would start for this environment (``TORCHELASTIC_ENABLE_FILE_TIMER`` is ``1``)."""
+    def from_environment(cls, environ: Mapping[str, str], directory: str) -> FileTimerServer | None:
+        """The server torchrun would start for this environment (``TORCHELASTIC_ENABLE_FILE_TIMER`` is ``1``);
+        without ``TORCHELASTIC_TIMER_FILE`` its FIFO is made in ``directory``."""
         if environ.get(ENABLE_FILE_TIMER_ENV) != "1":
             return None
-        return cls(environ.get(TIMER_FILE_ENV))
+        return cls(environ.get(TIMER_FILE_ENV) or os.path.join(directory, f"watchdog_timer_{uuid.uuid4()}"))
 
-    def __init__(self, path: str | None = None):
-        self.path = path or os.path.join(tempfile.gettempdir(), f"watchdog_timer_{uuid.uuid4()}")
+    def __init__(self, path: str):
+        self.path = path
         self.created = False
         self._timers: dict[tuple[int, str], Timer] = {}
         self._partial = b""

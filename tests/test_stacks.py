@@ -9,6 +9,7 @@ environment, is reported from /proc.
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -188,7 +189,7 @@ def test_stack_dumps_removes_its_directory():
 def test_the_directory_of_a_killed_launcher_goes_with_the_next_launcher(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = clean_env(TMPDIR=tmp)
+    env = clean_env(TMPDIR=tmp, TORCHELASTIC_ENABLE_FILE_TIMER=1)  # the timer's FIFO goes with the directory
     users = tmp / f"launcher_stacks-{os.getuid()}"  # what a launcher looks through: this user's directories only
 
     def sleeping_launcher(name):
@@ -201,10 +202,11 @@ def test_the_directory_of_a_killed_launcher_goes_with_the_next_launcher(tmp_path
     killed, its_worker = sleeping_launcher("killed")
     assert oct(users.stat().st_mode & 0o777) == "0o700"
     (abandoned,) = users.glob("launcher_stacks_*")
+    (fifo,) = abandoned.glob("watchdog_timer_*")
     killed.kill()
     finish(killed)
     wait_for(lambda: dead(its_worker), what="the guardian to end the killed launcher's worker")
-    assert abandoned.exists()
+    assert abandoned.exists() and stat.S_ISFIFO(fifo.stat().st_mode)
     running, _ = sleeping_launcher("running")
     (in_use,) = set(users.glob("launcher_stacks_*")) - {abandoned}
     being_made = users / "launcher_stacks_made_now"  # no owner file yet: not taken
@@ -215,7 +217,7 @@ def test_the_directory_of_a_killed_launcher_goes_with_the_next_launcher(tmp_path
     running.terminate()
     finish(running)
     assert sorted(users.glob("launcher_stacks_*")) == [being_made]
-    assert not list(tmp.glob("launcher_stacks_*"))  # none made outside it
+    assert not list(tmp.glob("launcher_stacks_*")) and not list(tmp.glob("watchdog_timer_*"))  # none outside it
 
 
 def test_a_users_directory_that_is_not_theirs_alone_is_not_used(tmp_path, monkeypatch):

@@ -115,7 +115,9 @@ def test_workers_get_the_timer_file_only_when_the_timer_is_enabled(tmp_path):
                             env=clean_env(TORCHELASTIC_ENABLE_FILE_TIMER="true"))  # torch: only "1" enables it
     assert enabled.returncode == disabled.returncode == 0, enabled.stderr + disabled.stderr
     path = json.loads((tmp_path / "on" / "0.json").read_text())["env"]["TORCHELASTIC_TIMER_FILE"]
-    assert os.path.basename(path).startswith("watchdog_timer_")  # torch's name, in the temporary directory
+    # torch's name, in the launcher's own directory (which the next launcher removes should this one be killed)
+    assert os.path.basename(path).startswith("watchdog_timer_")
+    assert os.path.basename(os.path.dirname(path)).startswith("launcher_stacks_")
     assert not os.path.exists(path)
     assert "TORCHELASTIC_TIMER_FILE" not in json.loads((tmp_path / "off" / "0.json").read_text())["env"]
 
