@@ -4,8 +4,8 @@ With ``TORCHELASTIC_ENABLE_FILE_TIMER=1`` the agent serves a FIFO at
 ``TORCHELASTIC_TIMER_FILE`` (else at a fresh path, torch's
 ``watchdog_timer_<uuid>``, in the launcher's own directory, which the next
 launcher removes should this one be killed), which every worker finds in
-``TORCHELASTIC_TIMER_FILE``. torch
-2.13's client writes one JSON request a line (``FileTimerRequest.to_json``)::
+``TORCHELASTIC_TIMER_FILE``. torch 2.13's client writes one JSON request a
+line (``FileTimerRequest.to_json``)::
 
     {"version": 1, "pid": <worker pid>, "scope_id": "<scope>", "expiration_time": <epoch seconds>, "signal": <n>}
 
