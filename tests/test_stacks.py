@@ -167,6 +167,23 @@ def test_the_dump_file_appears_only_once_the_handler_is_in_place(tmp_path):
     assert result.stdout.split("\n")[:2] == ["before: False", "after: True"], result.stdout + result.stderr
 
 
+def test_a_worker_on_the_launchers_python_loads_the_sitecustomize_compiled(tmp_path):
+    # Written with its bytecode, so that a worker where bytecode is not written (PYTHONDONTWRITEBYTECODE,
+    # as in many container images) does not compile it at every start; a stale or foreign .pyc would be
+    # ignored by the worker's import system, so "loaded from the .pyc" is what shows it valid.
+    dumps = StackDumps()
+    env = clean_env(PYTHONDONTWRITEBYTECODE=1)
+    dumps.arm(env)
+    try:
+        result = subprocess.run([sys.executable, "-v", "-c", "pass"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        cached = os.path.join(dumps.directory, "__pycache__", f"sitecustomize.{sys.implementation.cache_tag}.pyc")
+        assert f"# code object from '{cached}'" in result.stderr, result.stderr[-2000:]
+        assert os.listdir(os.path.dirname(cached)) == [os.path.basename(cached)]  # none written by the worker
+    finally:
+        dumps.close()
+
+
 def test_capture_is_bounded_and_says_why_a_stack_is_missing(armed_python):
     process, dumps = armed_python()
     os.kill(process.pid, signal.SIGSTOP)  # its handler cannot run
@@ -181,7 +198,7 @@ def test_capture_is_bounded_and_says_why_a_stack_is_missing(armed_python):
 
 def test_stack_dumps_removes_its_directory():
     dumps = StackDumps()
-    assert sorted(os.listdir(dumps.directory)) == [".owner", "sitecustomize.py"]
+    assert sorted(os.listdir(dumps.directory)) == [".owner", "__pycache__", "sitecustomize.py"]
     dumps.close()
     assert not os.path.exists(dumps.directory)
 
