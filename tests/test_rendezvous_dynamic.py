@@ -133,6 +133,26 @@ def test_max_completes_at_once_min_waits_for_the_last_call(rdzv, handlers):
     check_round(together([h.next_rendezvous for h in more]), 2)  # min reached, window passed
 
 
+def test_the_node_of_a_one_node_job_watches_no_membership(rdzv, handlers):
+    # Its round cannot change (no other member to lose, none can join): a restart starts no watcher thread
+    # nor its connection to the store.
+    def watchers():
+        return [thread.name for thread in threading.enumerate() if thread.name.startswith("rendezvous-watch")]
+
+    only = create_handler(rdzv(0, 1, 1))
+    handlers.append(only)
+    for _ in range(2):  # the first round, a restart
+        only.next_rendezvous()
+        assert not select.select([only.waiting_fd()], [], [], 0)[0]
+        assert watchers() == []
+        assert only.num_nodes_waiting() == 0 and only.lost_nodes() == []
+    two = create_handler(rdzv(1, 1, 2, job="-other"))  # one node of a job that another may join: watched
+    handlers.append(two)
+    two.next_rendezvous()
+    two.waiting_fd()
+    assert len(watchers()) == 1
+
+
 def test_a_node_joining_a_running_job_is_seen_and_makes_the_next_round_larger(rdzv, handlers):
     first = create_handler(rdzv(0, 1, 2))
     handlers.append(first)
@@ -528,20 +548,29 @@ def test_etcd_endpoints_are_tried_in_turn(etcd_server):
     handler.shutdown()
 
 
-def test_a_node_that_finds_the_job_full_waits_for_a_place_past_its_join_timeout(rdzv, handlers):
-    running = create_handler(rdzv(0, 1, 1))
-    handlers.append(running)
-    running.next_rendezvous()
-    spare = create_handler(rdzv(1, 1, 1, join_timeout=1))
+@pytest.mark.parametrize("size", [1, 2])
+def test_a_node_that_finds_the_job_full_waits_for_a_place_past_its_join_timeout(rdzv, handlers, size):
+    running = [create_handler(rdzv(i, 1, size)) for i in range(size)]
+    handlers += running
+    together([h.next_rendezvous for h in running])  # complete at once: the maximum joined
+    # Once a place is free, what is left of its join timeout (a keep-alive interval less at worst) outlasts
+    # the last call of the round it then completes.
+    spare = create_handler(rdzv(size, 1, size, join_timeout=3))
     handlers.append(spare)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(spare.next_rendezvous)
-        # No place while the job runs at its maximum: no timeout (torch's redundancy
-        # list), and no reason for the running node to restart.
-        assert select.select([running.waiting_fd()], [], [], 20)[0]
-        assert running.num_nodes_waiting() == 0
-        with pytest.raises(FutureTimeout):
-            waiting.result(timeout=3)  # neither done nor timed out, well past its 1 s join timeout
-        running.leave()
+        try:
+            # No place while the job runs at its maximum: no timeout (torch's redundancy list), and no
+            # reason for the running nodes to restart. The node of a one-node job is not even woken: it
+            # watches no membership (no other node can ever be in its round).
+            if size > 1:
+                assert select.select([running[0].waiting_fd()], [], [], 20)[0]
+            assert running[0].num_nodes_waiting() == 0
+            with pytest.raises(FutureTimeout):
+                waiting.result(timeout=4)  # neither done nor timed out, past its 3 s join timeout
+            assert not select.select([running[0].waiting_fd()], [], [], 0)[0]
+        finally:
+            for node in running:
+                node.leave()
         info = waiting.result(timeout=30)
-    assert (info.rank, len(info.nodes), info.nodes[0].addr) == (0, 1, node_addr(1))
+    assert (info.rank, len(info.nodes), info.nodes[0].addr) == (0, 1, node_addr(size))

@@ -346,7 +346,10 @@ class DynamicRendezvousHandler(RendezvousHandler):
 
     def waiting_fd(self) -> int:
         # The watcher starts when the agent first asks, after the round: joining need not wait for it.
-        if not self._membership.watching and self._round is not None:
+        # A job of one node at most has no news to wait for (no other member to lose, none can join, and
+        # this node's own heartbeat signals its lost store): a restart then starts no thread nor connection.
+        alone = self._settings.max_nodes == 1 and self._world_size == 1
+        if not self._membership.watching and self._round is not None and not alone:
             self._membership.watch(self._connect, self._round + 1, self._settings.read_timeout)
         return self._membership.fd
 
