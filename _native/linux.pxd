@@ -41,6 +41,7 @@ cdef extern from "<poll.h>" nogil:
         POLLIN
         POLLOUT
         POLLNVAL
+        POLLERR
     struct pollfd:
         int fd
         short events

@@ -22,7 +22,7 @@ state in the .pxd of the same name (supervisor.pxd includes them):
 This file holds what they share: the C names, how an epoll event names its
 source, and a few helpers.
 """
-from libc.errno cimport EAGAIN, EBUSY, ECHILD, EINTR, ENOSYS, EPERM, ESRCH, errno
+from libc.errno cimport EAGAIN, EBUSY, ECHILD, EINTR, ENAMETOOLONG, ENOSYS, EPERM, ESRCH, errno
 from libc.signal cimport SIGCHLD, SIGINT, SIGKILL, SIGSTOP, SIGTERM
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
@@ -43,10 +43,12 @@ from posix.wait cimport P_PID, WEXITED, WNOHANG, WNOWAIT, waitid, waitpid
 from errors cimport check, os_error
 from linux cimport (CLD_DUMPED, CLD_EXITED, CPU_ALLOC, CPU_ALLOC_SIZE, CPU_FREE, CPU_SET_S, CPU_ZERO_S, EPOLL_CLOEXEC,
                     EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, O_CLOEXEC,
-                    O_NONBLOCK, POLLOUT, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, SFD_CLOEXEC, SFD_NONBLOCK,
-                    cpu_set_t, epoll_create1, epoll_ctl, epoll_event, epoll_wait, launcher_pidfd_open, pipe2, poll,
-                    pollfd, prctl, pthread_kill, pthread_self, pthread_sigmask, pthread_t, signalfd, signalfd_siginfo)
+                    O_NONBLOCK, POLLERR, POLLOUT, PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, SFD_CLOEXEC,
+                    SFD_NONBLOCK, cpu_set_t, epoll_create1, epoll_ctl, epoll_event, epoll_wait, launcher_pidfd_open,
+                    pipe2, poll, pollfd, prctl, pthread_kill, pthread_self, pthread_sigmask, pthread_t, signalfd,
+                    signalfd_siginfo)
 
+import atexit
 import logging
 import os
 import threading

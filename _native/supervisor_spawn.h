@@ -354,24 +354,92 @@ static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) 
 }
 
 /* The guardian: holds the read end of a pipe whose write end only the
- * launcher has. The launcher writes one record per process group it starts
- * or forgets; when the pipe reads EOF (the launcher is gone, however it
- * went) the guardian SIGKILLs every group it still knows and the job's
- * cgroup whole, removes the cgroup once it is empty, and exits. */
+ * launcher has. One guardian serves every group a launcher starts: forking a
+ * launcher-sized process, its copy-on-write faults and the child's exit cost
+ * milliseconds of every restart, so it is forked once. The launcher writes a
+ * record for each process group it starts or reaps (ADD, FORGET) and for each
+ * job cgroup it makes (CGROUP, with the cgroup's version and directory),
+ * removes (CGROUP_FORGET), or cannot remove and leaves to the guardian
+ * (CGROUP_RELEASE: a process of it stuck in the kernel, or a group closed
+ * without being stopped; the guardian kills it whole and removes it once
+ * empty). When the pipe reads EOF (the launcher is gone, however it went) the
+ * guardian SIGKILLs every group and cgroup it still knows, removes the
+ * cgroups once empty, and exits. */
 #define LAUNCHER_GUARDIAN_ADD 1
 #define LAUNCHER_GUARDIAN_FORGET 2
+#define LAUNCHER_GUARDIAN_CGROUP 3
+#define LAUNCHER_GUARDIAN_CGROUP_FORGET 4
+#define LAUNCHER_GUARDIAN_CGROUP_RELEASE 5
 #define LAUNCHER_GUARDIAN_CAPACITY 65536
-/* How long the guardian waits for the killed cgroup to empty before it leaves it (LAUNCHER_CGROUP_PAUSE_NS each). */
+/* The cgroups it can hold at once: the running group's and those left stuck in the kernel. */
+#define LAUNCHER_GUARDIAN_CGROUPS 64
+/* A cgroup record's directory: NUL-terminated, in a block of this size after the record. */
+#define LAUNCHER_GUARDIAN_PATH_SIZE 4096
+/* How long the guardian waits for a killed cgroup to empty before it leaves it (LAUNCHER_CGROUP_PAUSE_NS each). */
 #define LAUNCHER_GUARDIAN_CGROUP_TRIES 1000
 
 struct launcher_guardian_record {
     int32_t op;
-    int32_t pgid;
+    int32_t value; /* ADD, FORGET: the process group; CGROUP: the cgroup's version */
 };
 
-static pid_t launcher_guardian_groups[LAUNCHER_GUARDIAN_CAPACITY];
+struct launcher_guardian_cgroup {
+    char directory[LAUNCHER_GUARDIAN_PATH_SIZE];
+    int version; /* 0: a free slot */
+};
 
-static void launcher_guardian_child(int read_fd, const struct launcher_cgroup *cgroup) {
+/* The guardian's state, in the forked child's own copy of this memory. */
+static pid_t launcher_guardian_groups[LAUNCHER_GUARDIAN_CAPACITY];
+static struct launcher_guardian_cgroup launcher_guardian_cgroups[LAUNCHER_GUARDIAN_CGROUPS];
+
+static void launcher_guardian_end_cgroup(struct launcher_guardian_cgroup *slot) {
+    struct launcher_cgroup cgroup = {slot->directory, slot->version};
+    launcher_cgroup_kill(&cgroup);
+    launcher_cgroup_remove(&cgroup, LAUNCHER_GUARDIAN_CGROUP_TRIES);
+    slot->version = 0;
+}
+
+/* Apply one record (its path block, for a cgroup's, follows it in memory). */
+static void launcher_guardian_apply(const struct launcher_guardian_record *record, size_t *count) {
+    const char *directory = (const char *)(record + 1);
+    if (record->op == LAUNCHER_GUARDIAN_ADD && *count < LAUNCHER_GUARDIAN_CAPACITY) {
+        launcher_guardian_groups[(*count)++] = record->value;
+    } else if (record->op == LAUNCHER_GUARDIAN_FORGET) {
+        for (size_t j = 0; j < *count; j++) {
+            if (launcher_guardian_groups[j] == record->value) {
+                launcher_guardian_groups[j] = launcher_guardian_groups[--*count];
+                break;
+            }
+        }
+    } else if (record->op == LAUNCHER_GUARDIAN_CGROUP) {
+        for (size_t j = 0; j < LAUNCHER_GUARDIAN_CGROUPS; j++) {
+            if (launcher_guardian_cgroups[j].version == 0) {
+                memcpy(launcher_guardian_cgroups[j].directory, directory, LAUNCHER_GUARDIAN_PATH_SIZE);
+                launcher_guardian_cgroups[j].directory[LAUNCHER_GUARDIAN_PATH_SIZE - 1] = '\0';
+                launcher_guardian_cgroups[j].version = record->value;
+                break;
+            }
+        }
+    } else if (record->op == LAUNCHER_GUARDIAN_CGROUP_FORGET || record->op == LAUNCHER_GUARDIAN_CGROUP_RELEASE) {
+        for (size_t j = 0; j < LAUNCHER_GUARDIAN_CGROUPS; j++) {
+            struct launcher_guardian_cgroup *slot = &launcher_guardian_cgroups[j];
+            if (slot->version != 0 && strncmp(slot->directory, directory, LAUNCHER_GUARDIAN_PATH_SIZE) == 0) {
+                if (record->op == LAUNCHER_GUARDIAN_CGROUP_RELEASE)
+                    launcher_guardian_end_cgroup(slot);
+                slot->version = 0;
+                break;
+            }
+        }
+    }
+}
+
+static size_t launcher_guardian_record_size(const struct launcher_guardian_record *record) {
+    int with_path = record->op == LAUNCHER_GUARDIAN_CGROUP || record->op == LAUNCHER_GUARDIAN_CGROUP_FORGET ||
+                    record->op == LAUNCHER_GUARDIAN_CGROUP_RELEASE;
+    return sizeof *record + (with_path ? LAUNCHER_GUARDIAN_PATH_SIZE : 0);
+}
+
+static void launcher_guardian_child(int read_fd) {
     /* Its own session: a terminal's Ctrl-C or hang-up for the launcher's
      * foreground group never reaches it; it ignores the rest of what a job
      * scheduler sends, so only the pipe decides when it acts. */
@@ -390,40 +458,41 @@ static void launcher_guardian_child(int read_fd, const struct launcher_cgroup *c
     if (dup2(read_fd, 0) < 0) _exit(1);
     if (launcher_close_from(1, -1) != 0) _exit(1);
     size_t count = 0;
-    struct launcher_guardian_record records[512];
-    size_t pending = 0; /* bytes of a record split across reads */
+    /* room for several records, a cgroup's whole among them; aligned as they are */
+    static int32_t buffer[4 * (sizeof(struct launcher_guardian_record) + LAUNCHER_GUARDIAN_PATH_SIZE) / 4];
+    size_t pending = 0; /* bytes read and not yet applied: a record may be split across reads */
     for (;;) {
-        ssize_t got = read(0, (char *)records + pending, sizeof records - pending);
+        ssize_t got = read(0, (char *)buffer + pending, sizeof buffer - pending);
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) break; /* EOF: the launcher is gone */
         pending += (size_t)got;
-        size_t whole = pending / sizeof records[0];
-        for (size_t i = 0; i < whole; i++) {
-            if (records[i].op == LAUNCHER_GUARDIAN_ADD && count < LAUNCHER_GUARDIAN_CAPACITY) {
-                launcher_guardian_groups[count++] = records[i].pgid;
-            } else if (records[i].op == LAUNCHER_GUARDIAN_FORGET) {
-                for (size_t j = 0; j < count; j++) {
-                    if (launcher_guardian_groups[j] == records[i].pgid) {
-                        launcher_guardian_groups[j] = launcher_guardian_groups[--count];
-                        break;
-                    }
-                }
-            }
+        size_t used = 0;
+        while (pending - used >= sizeof(struct launcher_guardian_record)) {
+            const struct launcher_guardian_record *record =
+                (const struct launcher_guardian_record *)((char *)buffer + used);
+            size_t size = launcher_guardian_record_size(record);
+            if (pending - used < size) break;
+            launcher_guardian_apply(record, &count);
+            used += size;
         }
-        pending -= whole * sizeof records[0];
-        memmove(records, (char *)records + whole * sizeof records[0], pending);
+        pending -= used;
+        memmove(buffer, (char *)buffer + used, pending);
     }
     for (size_t j = 0; j < count; j++) kill(-launcher_guardian_groups[j], SIGKILL);
-    if (cgroup) {
-        launcher_cgroup_kill(cgroup);
-        launcher_cgroup_remove(cgroup, LAUNCHER_GUARDIAN_CGROUP_TRIES);
+    for (size_t j = 0; j < LAUNCHER_GUARDIAN_CGROUPS; j++) {
+        if (launcher_guardian_cgroups[j].version != 0) {
+            struct launcher_cgroup cgroup = {launcher_guardian_cgroups[j].directory, launcher_guardian_cgroups[j].version};
+            launcher_cgroup_kill(&cgroup);
+        }
+    }
+    for (size_t j = 0; j < LAUNCHER_GUARDIAN_CGROUPS; j++) {
+        if (launcher_guardian_cgroups[j].version != 0) launcher_guardian_end_cgroup(&launcher_guardian_cgroups[j]);
     }
     _exit(0);
 }
 
-/* Start the guardian of the job's cgroup (NULL: none) and of the process
- * groups it will be told of; *write_fd receives the launcher's end (CLOEXEC). */
-static pid_t launcher_guardian_start(int *write_fd, const struct launcher_cgroup *cgroup) {
+/* Start the guardian; *write_fd receives the launcher's end of its pipe (CLOEXEC). */
+static pid_t launcher_guardian_start(int *write_fd) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) return -1;
     sigset_t all, previous;
@@ -436,7 +505,7 @@ static pid_t launcher_guardian_start(int *write_fd, const struct launcher_cgroup
         return -1;
     }
     pid_t pid = fork();
-    if (pid == 0) launcher_guardian_child(fds[0], cgroup);
+    if (pid == 0) launcher_guardian_child(fds[0]);
     int fork_errno = errno;
     error = pthread_sigmask(SIG_SETMASK, &previous, NULL);
     close(fds[0]);

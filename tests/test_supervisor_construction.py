@@ -31,6 +31,8 @@ def test_a_supervisor_restores_the_mask_the_subreaper_and_the_descriptors(scenar
     seen = construct(scenario)
     assert seen["error"] == error
     assert signal.SIGCHLD not in seen["before"]["mask"] and seen["before"]["subreaper"] == 0
+    if scenario == "supervisor-closed":  # the process keeps its guardian, made with the first group, for the next
+        [guardian_pipe] = set(seen["after"].pop("fds")) - set(seen["before"].pop("fds"))
     assert seen["after"] == seen["before"]
 
 

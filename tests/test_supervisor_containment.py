@@ -109,6 +109,27 @@ def test_kill_9_of_the_launcher_ends_the_descendant_in_a_session_of_its_own(mode
         proc.communicate(timeout=30)
 
 
+def test_kill_9_of_the_launcher_in_its_second_attempt_ends_that_attempts_job(mode, tmp_path, escaped):
+    # One guardian serves every attempt of a launcher: it must have learnt the second attempt's cgroup.
+    proc = subprocess.Popen(
+        [*MODES[mode], *LAUNCHER, "--standalone", f"--nproc-per-node={NPROC}", "--max-restarts=1", WORKER,
+         str(tmp_path), "escape", "wait", "restarted"],
+        env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until_ready(tmp_path, proc, NPROC)  # in the second attempt: in the first the workers exit 1 at once
+        workers = [int((tmp_path / f"{rank}.ready").read_text()) for rank in range(NPROC)]
+        cgroup = job_cgroup(mode, tmp_path)
+        proc.kill()
+        wait_for(lambda: all(dead(pid) for pid in workers), timeout=10, what="the workers to be gone")
+        if mode != "none":
+            wait_for(lambda: all(dead(pid) for pid in escaped()), timeout=10, what="the escaped sleeps to be gone")
+            wait_for(lambda: not os.path.exists(cgroup), timeout=10, what="the guardian to remove the job's cgroup")
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
 def test_kill_9_of_a_launcher_running_a_launcher_leaves_neither_cgroup(cgroup_mode, tmp_path, escaped):
     mode = cgroup_mode
     inner = ["-m", "launcher", "--standalone", f"--nproc-per-node={NPROC}", WORKER, str(tmp_path), "escape", "wait"]

@@ -13,7 +13,11 @@ cdef extern from "supervisor_spawn.h" nogil:
         LAUNCHER_STAGE_CGROUP
         LAUNCHER_GUARDIAN_ADD
         LAUNCHER_GUARDIAN_FORGET
+        LAUNCHER_GUARDIAN_CGROUP
+        LAUNCHER_GUARDIAN_CGROUP_FORGET
+        LAUNCHER_GUARDIAN_CGROUP_RELEASE
         LAUNCHER_GUARDIAN_CAPACITY
+        LAUNCHER_GUARDIAN_PATH_SIZE
     struct launcher_spawn_spec:
         char **programs
         char **argv
@@ -29,9 +33,9 @@ cdef extern from "supervisor_spawn.h" nogil:
         const rlimit *open_files
     struct launcher_guardian_record:
         int32_t op
-        int32_t pgid
+        int32_t value
     pid_t launcher_spawn(const launcher_spawn_spec *spec, int *stage)
-    pid_t launcher_guardian_start(int *write_fd, const launcher_cgroup *cgroup)
+    pid_t launcher_guardian_start(int *write_fd)
     int launcher_waitid_pidfd(int pidfd, siginfo_t *info, int options)
 
 
@@ -75,8 +79,7 @@ cdef class Supervisor:
     cdef sigaction_t children_action_before
     cdef bint restore_children_action  # SIGCHLD is redirected to this thread (exits come through it)
     cdef bint restore_subreaper
-    cdef pid_t guardian_pid
-    cdef int guardian_fd
+    cdef pid_t guardian_pid  # the process's guardian (process_guardian()), when this group was made
     cdef pid_t own_sid
     cdef JobCgroup cgroup  # None: the job has none
     cdef frozenset children_before  # this process's children when the group was made: not the job's
@@ -95,7 +98,6 @@ cdef class Supervisor:
     cdef readonly bint finished
 
     cdef _Console _console(self, int fd, int index)
-    cdef int _guardian(self, int op, pid_t pgid) except -1
     cdef int _stream(self, _Worker worker, int index, int which, OutputRoute route, list parent_ends) except -1
     cdef _File _filtered_file(self, str path)
     cdef int _read_from(self, _Stream stream, bint on) except -1
@@ -118,5 +120,5 @@ cdef class Supervisor:
     cdef bint _members_alive(self) except -1
     cdef int _reap_workers(self) except -1
     cdef int _finish_output(self, double grace) except -1
-    cdef int _end_guardian(self) except -1
+    cdef int _leave_cgroup(self) except -1
     cdef int _release(self) except -1

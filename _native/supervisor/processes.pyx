@@ -27,6 +27,80 @@ cdef rlimit open_files_at_start
 check(getrlimit(RLIMIT_NOFILE, &open_files_at_start), "getrlimit(RLIMIT_NOFILE)")
 
 
+# The guardian (supervisor_spawn.h) of every group this process starts: forked with the first and kept
+# until the process exits, so that a restart forks nothing (the fork of a launcher-sized process, the
+# copy-on-write faults after it and the child's exit took some 4 ms of a restart on two cores). A
+# process forked from this one starts a guardian of its own.
+cdef int guardian_fd = -1  # the write end of its pipe
+cdef pid_t guardian_pid = 0
+cdef pid_t guardian_owner = 0  # the process that started it
+
+
+cdef pid_t process_guardian() except -1:
+    """This process's guardian, started if it has none yet or the one it had is gone (killed)."""
+    global guardian_fd, guardian_pid, guardian_owner
+    cdef pollfd pipe_end
+    cdef int status
+    if guardian_pid > 0:
+        pipe_end.fd = guardian_fd
+        pipe_end.events = 0
+        pipe_end.revents = 0
+        if guardian_owner != getpid():  # the parent's, inherited through fork: its pipe is not ours to hold
+            c_close(guardian_fd)
+            guardian_fd, guardian_pid = -1, 0
+        elif check(poll(&pipe_end, 1, 0), "poll") and pipe_end.revents & POLLERR:  # no reader: it died
+            waitpid(guardian_pid, &status, WNOHANG)  # reaped here unless someone else did
+            c_close(guardian_fd)
+            guardian_fd, guardian_pid = -1, 0
+    if guardian_pid == 0:
+        guardian_pid = check(launcher_guardian_start(&guardian_fd), "cannot start the guardian")
+        if guardian_owner == 0:
+            atexit.register(end_process_guardian)
+        guardian_owner = getpid()
+    return guardian_pid
+
+
+def end_process_guardian():
+    """Close the guardian's pipe and wait for it to exit, having killed whatever of the job it still knew
+    of; called at the process's exit."""
+    global guardian_fd, guardian_pid
+    cdef int status
+    cdef pid_t pid = guardian_pid
+    if pid == 0 or guardian_owner != getpid():
+        return
+    c_close(guardian_fd)
+    guardian_fd, guardian_pid = -1, 0
+    with nogil:
+        while waitpid(pid, &status, 0) < 0 and errno == EINTR:
+            pass
+
+
+cdef int guardian_send(const char *data, size_t size) except -1:
+    if write_all(guardian_fd, data, size) < 0:
+        raise os_error(errno, "cannot reach the guardian")
+    return 0
+
+
+cdef int guardian_group(int op, pid_t pgid) except -1:
+    """Tell the guardian of a process group to kill (LAUNCHER_GUARDIAN_ADD) or no longer to (FORGET)."""
+    cdef launcher_guardian_record record
+    record.op = op
+    record.value = pgid
+    return guardian_send(<const char *>&record, sizeof(record))
+
+
+cdef int guardian_cgroup(int op, JobCgroup cgroup) except -1:
+    """Tell the guardian of a job cgroup: to kill (LAUNCHER_GUARDIAN_CGROUP), removed (CGROUP_FORGET), or
+    to kill whole and remove once empty (CGROUP_RELEASE)."""
+    cdef launcher_guardian_record record
+    if len(cgroup.c_directory) >= LAUNCHER_GUARDIAN_PATH_SIZE:
+        raise os_error(ENAMETOOLONG, "cannot tell the guardian of the job's cgroup", cgroup.directory)
+    record.op = op
+    record.value = cgroup.version
+    data = (<char *>&record)[:sizeof(record)] + cgroup.c_directory.ljust(LAUNCHER_GUARDIAN_PATH_SIZE, b"\0")
+    return guardian_send(data, len(data))
+
+
 cdef class ExitRecord:
     """One worker as the supervisor saw it: ``ended_at`` is None while it has not exited.
 
@@ -68,20 +142,19 @@ cdef class Supervisor:
     Once constructed it is the subreaper of the workers' orphans, has SIGCHLD
     blocked and read from a signalfd (and, without pidfd_open, sent on to this
     thread from any other that takes it), has made the job's cgroup where it
-    can, and has its guardian running; a failed construction leaves none of
-    that behind. ``close()`` undoes it too.
+    can, and has told the process's guardian (started with the first group,
+    kept for the next) of it; a failed construction leaves none of that
+    behind but the guardian. ``close()`` undoes it too.
     """
 
     def __cinit__(self):
         self.epfd = -1
         self.children_fd = -1
-        self.guardian_fd = -1
         self.signal_fd = -1
 
     def __init__(self, int signal_fd=-1, bint term_on_failure=False):
         cdef sigset_t children
         cdef int error, subreaper = 0
-        cdef const launcher_cgroup *cgroup_files = NULL
         if threading.current_thread() is not threading.main_thread():
             # a worker's parent-death signal fires when the thread that forked it ends
             raise RuntimeError("workers must be started from the main thread")
@@ -118,10 +191,9 @@ cdef class Supervisor:
             if not subreaper:
                 check(prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl")
                 self.restore_subreaper = True
+            self.guardian_pid = process_guardian()
             if self.cgroup is not None:
-                cgroup_files = &self.cgroup.c_cgroup
-            self.guardian_pid = check(launcher_guardian_start(&self.guardian_fd, cgroup_files),
-                                      "cannot start the guardian")
+                guardian_cgroup(LAUNCHER_GUARDIAN_CGROUP, self.cgroup)
         except BaseException:
             self._release()
             raise
@@ -136,14 +208,6 @@ cdef class Supervisor:
         elif errno != EPERM:  # EPERM: a regular file, always writable
             console.broken = True
         return console
-
-    cdef int _guardian(self, int op, pid_t pgid) except -1:
-        cdef launcher_guardian_record record
-        record.op = op
-        record.pgid = pgid
-        if write_all(self.guardian_fd, <const char *>&record, sizeof(record)) < 0:
-            raise os_error(errno, "cannot reach the guardian")
-        return 0
 
     def spawn(self, list programs, list argv, list envp, cwd, cpus, mem_nodes, OutputRoute stdout not None,
               OutputRoute stderr not None):
@@ -224,7 +288,7 @@ cdef class Supervisor:
                 if not pidfd_missing:
                     worker.pidfd = check(launcher_pidfd_open(pid, 0), "pidfd_open")
                 # From here on the group dies with the launcher.
-                self._guardian(LAUNCHER_GUARDIAN_ADD, pid)
+                guardian_group(LAUNCHER_GUARDIAN_ADD, pid)
             except BaseException:
                 # Not one of the group's, so nothing else would end it: kill its process group, reap it.
                 killpg(pid, SIGKILL)
@@ -622,10 +686,7 @@ cdef class Supervisor:
                 break
         self._reap_workers()
         self._finish_output(1.0)
-        # What is still in the cgroup (stuck in the kernel) is the guardian's to kill and remove.
-        if self.cgroup is not None and self.cgroup.remove():
-            self.cgroup = None
-        self._end_guardian()
+        self._leave_cgroup()
         self.finished = True
         signals, self.signals = self.signals, []
         return signals
@@ -660,7 +721,7 @@ cdef class Supervisor:
             if worker.pidfd >= 0:
                 c_close(worker.pidfd)
                 worker.pidfd = -1
-            self._guardian(LAUNCHER_GUARDIAN_FORGET, worker.pid)
+            guardian_group(LAUNCHER_GUARDIAN_FORGET, worker.pid)
         self._reap_adopted()
         return 0
 
@@ -689,17 +750,19 @@ cdef class Supervisor:
         self.err.flush(self.epfd, True)
         return 0
 
-    cdef int _end_guardian(self) except -1:
-        """Close the guardian's pipe (it exits, every group forgotten) and reap it."""
-        cdef int status
-        if self.guardian_fd >= 0:
-            c_close(self.guardian_fd)
-            self.guardian_fd = -1
-        if self.guardian_pid > 0:
-            with nogil:
-                while waitpid(self.guardian_pid, &status, 0) < 0 and errno == EINTR:
-                    pass
-            self.guardian_pid = 0
+    cdef int _leave_cgroup(self) except -1:
+        """Remove the job's cgroup; what it still holds (a process stuck in the kernel, a group closed
+        without being stopped) is the guardian's to kill, and the cgroup to remove once empty."""
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is None:
+            return 0
+        removed = cgroup.remove()
+        if self.guardian_pid > 0:  # it was told of the cgroup
+            try:
+                guardian_cgroup(LAUNCHER_GUARDIAN_CGROUP_FORGET if removed else LAUNCHER_GUARDIAN_CGROUP_RELEASE,
+                                cgroup)
+            except BrokenPipeError:  # it was killed: nothing is left to tell
+                pass
         return 0
 
     def exit_record(self, int index) -> ExitRecord:
@@ -715,7 +778,7 @@ cdef class Supervisor:
 
     def close(self):
         """Release the descriptors, the subreaper and the signal mask (after stop(); a group never
-        stopped is left to the guardian, which kills it when its pipe closes)."""
+        stopped is killed: its process groups here, its cgroup whole by the guardian)."""
         self._release()
 
     cdef int _release(self) except -1:
@@ -733,22 +796,18 @@ cdef class Supervisor:
             if (<_Stream>s).fd >= 0:
                 c_close((<_Stream>s).fd)
                 (<_Stream>s).fd = -1
-        if self.guardian_fd >= 0:
-            c_close(self.guardian_fd)
-            self.guardian_fd = -1
         if self.children_fd >= 0:
             c_close(self.children_fd)
             self.children_fd = -1
         if self.epfd >= 0:
             c_close(self.epfd)
             self.epfd = -1
-        if self.cgroup is not None:
-            # empty after a failed construction; a group never stopped is left to the guardian
-            try:
-                self.cgroup.remove()
-            except OSError as removing:
-                failure = removing
-            self.cgroup = None
+        try:  # the cgroup is empty after a failed construction; a group never stopped is killed
+            if not self.finished:
+                self.signal_groups(SIGKILL)
+            self._leave_cgroup()
+        except OSError as leaving:
+            failure = leaving
         if self.restore_subreaper:
             self.restore_subreaper = False
             if prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) < 0 and failure is None:
@@ -767,12 +826,23 @@ cdef class Supervisor:
         return 0
 
     def __dealloc__(self):
+        # Dropped neither stopped nor closed, in the process that made it (not a copy in a forked child):
+        # killed as close() kills it (what a collected cycle already cleared, None here, is the guardian's
+        # when the process exits).
+        made_here = self.guardian_pid > 0 and self.guardian_pid == guardian_pid and guardian_owner == getpid()
+        if made_here and not self.finished and self.workers is not None:
+            for w in self.workers:
+                if not (<_Worker>w).reaped:
+                    killpg((<_Worker>w).pid, SIGKILL)
+        if made_here and self.cgroup is not None:
+            try:
+                guardian_cgroup(LAUNCHER_GUARDIAN_CGROUP_RELEASE, self.cgroup)
+            except OSError:
+                pass  # the guardian is gone: nothing is left to tell
         if self.epfd >= 0:
             c_close(self.epfd)
         if self.children_fd >= 0:
             c_close(self.children_fd)
-        if self.guardian_fd >= 0:
-            c_close(self.guardian_fd)
 
 
 cdef int waitid_worker(_Worker worker, siginfo_t *info, int options) noexcept:

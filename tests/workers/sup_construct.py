@@ -4,7 +4,7 @@
 
 supervisor-signalfd  Supervisor() with no descriptor left for its SIGCHLD signalfd
 supervisor-guardian  Supervisor() with no descriptors left for its guardian's pipe
-supervisor-closed    Supervisor() then close(): nothing fails
+supervisor-closed    Supervisor() then close(), twice: nothing fails
 watch-signalfd       SignalWatch([SIGUSR1]) with no descriptor left for its signalfd
 watch-sigaction      SignalWatch([SIGUSR1, 32]): the C library reserves 32, sigaction refuses it
 
@@ -62,6 +62,7 @@ def build(scenario):
         leave_descriptors(2)  # the epoll descriptor and the signalfd
         Supervisor()
     elif scenario == "supervisor-closed":
+        Supervisor().close()
         Supervisor().close()
     elif scenario == "watch-signalfd":
         leave_descriptors(0)

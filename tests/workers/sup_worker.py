@@ -8,8 +8,10 @@ children N [stubborn|exit]
                  start N `sleep` children in its process group (stubborn: they ignore SIGTERM), write
                  their pids to DIR/<rank>.children, then wait (exit: exit 0)
 orphan           start a child that outlives this worker (it exits once the FIFO DIR/release is written), then exit 0
-escape [wait]    start `sleep 300` in a session of its own, write its pid to DIR/<rank>.escaped and this worker's
-                 /proc/self/cgroup to DIR/<rank>.cgroup, then exit 0 (wait: wait forever)
+escape [wait] [restarted]
+                 start `sleep 300` in a session of its own, write its pid to DIR/<rank>.escaped and this worker's
+                 /proc/self/cgroup to DIR/<rank>.cgroup, then exit 0 (wait: wait forever; restarted: first exit 1
+                 in the launcher's first attempt, so that the second does this)
 release PID      open the FIFO DIR/release for writing and close it, wait until process PID has exited, exit 0
 print N          print N numbered lines and exit 0 (the last one without a newline when DIR is "partial")
 flood N FILE     print N numbered lines, write DIR/<rank>.printed, exit 0 once FILE exists
@@ -87,13 +89,15 @@ elif action == "orphan":
         f.write(str(child.pid))
     ready()
 elif action == "escape":
+    if "restarted" in args and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        sys.exit(1)
     child = subprocess.Popen(["sleep", "300"], start_new_session=True)
     with open(os.path.join(directory, f"{rank}.escaped"), "w") as f:
         f.write(str(child.pid))
     with open("/proc/self/cgroup") as cgroup, open(os.path.join(directory, f"{rank}.cgroup"), "w") as f:
         f.write(cgroup.read())
     ready()
-    if args == ["wait"]:
+    if "wait" in args:
         forever()
 elif action == "release":
     with open(os.path.join(directory, "release"), "w"):
