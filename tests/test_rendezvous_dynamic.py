@@ -153,6 +153,29 @@ def test_the_node_of_a_one_node_job_watches_no_membership(rdzv, handlers):
     assert len(watchers()) == 1
 
 
+def test_a_restart_round_of_one_node_reads_back_nothing_it_wrote(request, handlers, monkeypatch):
+    # 11 requests to the store: the join (3), the coordinator's claim, the done record and the news count,
+    # the join records and heartbeat, the seats, the done record and the latest round. The seat and the
+    # previous round's members this node wrote itself are not read back (each request is a round trip).
+    keeper = TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False)
+    request.addfinalizer(keeper.close)
+    only = create_handler(RendezvousParameters(
+        backend="c10d", endpoint=f"127.0.0.1:{keeper.port}", run_id="restart-cost", min_nodes=1, max_nodes=1,
+        local_world_size=1, local_addr=node_addr(0), config=FAST,
+    ))
+    handlers.append(only)
+    only.next_rendezvous()
+    requests = []
+    for name in ("set", "get", "add", "compare_set", "check", "wait", "append", "multi_get", "multi_set"):
+        def counted(self, *args, _call=getattr(TCPStore, name), _name=name, **kwargs):
+            requests.append(_name)
+            return _call(self, *args, **kwargs)
+        monkeypatch.setattr(TCPStore, name, counted)
+    info = only.next_rendezvous()
+    assert (info.round, info.rank) == (1, 0)
+    assert len(requests) <= 11, requests
+
+
 def test_a_node_joining_a_running_job_is_seen_and_makes_the_next_round_larger(rdzv, handlers):
     first = create_handler(rdzv(0, 1, 2))
     handlers.append(first)

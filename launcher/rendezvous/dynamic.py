@@ -239,6 +239,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
         self._world_size = 0  # of that round
         self._next_round = 0  # the round to join next
         self._previous: tuple[int, list[Member]] = (-1, [])  # a completed round's members, as read last
+        self._own_seat: tuple[int, bytes | None] = (-1, None)  # this node's seat in the round it completed last
         self._agent_store: _LazyStore | None = None
         # Ready before any round, so that joining costs neither a connection nor a server:
         # the heartbeat (this agent is alive from now until it leaves), and the server
@@ -281,7 +282,7 @@ class DynamicRendezvousHandler(RendezvousHandler):
                         f"rendezvous '{self.run_id}' ({self._where}) is closed: the job finished "
                         "or its nodes shut down; start a new job with another --rdzv-id"
                     )
-                seat = self._kv.get(_seat_key(round, record["by"], me.id))
+                seat = self._seat(round, record["by"])
                 if seat is not None:
                     break
                 round = max(round + 1, self._kv.open_round())  # completed without us
@@ -429,11 +430,12 @@ class DynamicRendezvousHandler(RendezvousHandler):
                 return done, deadline
             now = time.monotonic()
             quiet = now < status_at and now + settings.keep_alive_interval < deadline  # no line, no deadline due
-            if quiet and kv.news(round) < settings.min_nodes:
+            news = kv.news(round) if quiet else None
+            if news is not None and news < settings.min_nodes:
                 # Fewer joins than the minimum: who they are is not needed yet.
                 kv.wait_news(round, settings.min_nodes - 1, min(settings.keep_alive_interval, status_at - now))
                 continue
-            view = self._view(round)
+            view = self._view(round, news)
             done, last_call_left = self._advance(round, view)
             if done is not None:
                 return done, deadline
@@ -460,9 +462,11 @@ class DynamicRendezvousHandler(RendezvousHandler):
             return max(s.min_nodes - live, len(view.pending), 1)
         return max(s.max_nodes - live, 1)
 
-    def _view(self, round: int) -> _RoundView:
-        # News first: whatever arrives after this count wakes the coordinator, even if read below.
-        news = self._kv.news(round)
+    def _view(self, round: int, news: int | None = None) -> _RoundView:
+        # News first (``news``, if just read): whatever arrives after this count wakes the coordinator, even
+        # if read below.
+        if news is None:
+            news = self._kv.news(round)
         records = self._records(round)
         previous = self._previous_members(round)
         alive = self._kv.alive(list({m.id for m in records} | {m.id for m in previous}))
@@ -528,7 +532,16 @@ class DynamicRendezvousHandler(RendezvousHandler):
         held = self._kv.compare_set(_done_key(round), None, record)
         if held == record:
             self._kv.round_completed(round)
+            # What this node wrote needs no reading back: its own seat now, the members in the next round.
+            self._own_seat = (round, writes.get(_seat_key(round, me, me)))
+            self._previous = (round, members)
         return held
+
+    def _seat(self, round: int, completed_by: str) -> bytes | None:
+        """This node's seat in ``round``, which ``completed_by`` completed (None: it is not a member)."""
+        if completed_by == self._me.id and self._own_seat[0] == round:
+            return self._own_seat[1]
+        return self._kv.get(_seat_key(round, completed_by, self._me.id))
 
     def _records(self, round: int) -> list[Member]:
         """The round's join records in join order, each node once."""
