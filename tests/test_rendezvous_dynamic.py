@@ -166,11 +166,17 @@ def test_a_restart_round_of_one_node_reads_back_nothing_it_wrote(request, handle
     handlers.append(only)
     only.next_rendezvous()
     requests = []
+
+    def counting(name):
+        call = getattr(TCPStore, name)
+
+        def counted(self, *args, **kwargs):
+            requests.append(name)
+            return call(self, *args, **kwargs)
+        return counted
+
     for name in ("set", "get", "add", "compare_set", "check", "wait", "append", "multi_get", "multi_set"):
-        def counted(self, *args, _call=getattr(TCPStore, name), _name=name, **kwargs):
-            requests.append(_name)
-            return _call(self, *args, **kwargs)
-        monkeypatch.setattr(TCPStore, name, counted)
+        monkeypatch.setattr(TCPStore, name, counting(name))
     info = only.next_rendezvous()
     assert (info.round, info.rank) == (1, 0)
     assert len(requests) <= 11, requests
