@@ -373,8 +373,10 @@ static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) 
 #define LAUNCHER_GUARDIAN_CAPACITY 65536
 /* The cgroups it can hold at once: the running group's and those left stuck in the kernel. */
 #define LAUNCHER_GUARDIAN_CGROUPS 64
-/* A cgroup record's directory: NUL-terminated, in a block of this size after the record. */
-#define LAUNCHER_GUARDIAN_PATH_SIZE 4096
+/* A cgroup record's directory: NUL-terminated, in a block of this size after the record, which makes the
+ * whole PIPE_BUF (4096) bytes: a write of at most PIPE_BUF to a pipe is never split, so records that two
+ * threads write (a group dropped on another thread) never interleave. */
+#define LAUNCHER_GUARDIAN_PATH_SIZE (4096 - 8)
 /* How long the guardian waits for a killed cgroup to empty before it leaves it (LAUNCHER_CGROUP_PAUSE_NS each). */
 #define LAUNCHER_GUARDIAN_CGROUP_TRIES 1000
 
@@ -382,6 +384,8 @@ struct launcher_guardian_record {
     int32_t op;
     int32_t value; /* ADD, FORGET: the process group; CGROUP: the cgroup's version */
 };
+static_assert(sizeof(struct launcher_guardian_record) + LAUNCHER_GUARDIAN_PATH_SIZE <= PIPE_BUF,
+              "a cgroup record is written whole");
 
 struct launcher_guardian_cgroup {
     char directory[LAUNCHER_GUARDIAN_PATH_SIZE];
