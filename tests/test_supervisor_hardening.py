@@ -3,7 +3,6 @@ SIGCHLD, an embedding program's own children, a guardian that is gone, old kerne
 
 Old kernels are made with a seccomp filter (tests/workers/sup_seccomp.py), every process is real.
 """
-import gc
 import json
 import os
 import resource
@@ -142,15 +141,66 @@ def test_one_guardian_serves_every_group_of_a_process():
         second.close()
 
 
+def run_in_a_launcher(code):
+    """Run ``code`` in a Python of its own, as a launcher process (it must print its workers' pids, one line);
+    returns (the process, those pids)."""
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=clean_env(),
+                                cwd=REPO)
+    return launcher, [int(pid) for pid in launcher.stdout.readline().split()]
+
+
+SPAWN_A_SLEEP = (
+    "import gc, os, time\n"
+    "from launcher._native.supervisor import OutputRoute, Supervisor\n"
+    "supervisor = Supervisor()\n"
+    "supervisor.spawn([b'/bin/sleep'], [b'sleep', b'300'], [], None, None, None, OutputRoute(), OutputRoute())\n"
+)
+
+
 def test_a_group_dropped_without_being_stopped_is_killed():
-    # What closing its own guardian's pipe did, before one guardian served every group.
-    supervisor = Supervisor()
-    supervisor.spawn([b"/bin/sleep"], [b"sleep", b"300"], [], None, None, None, OutputRoute(), OutputRoute())
-    worker = supervisor.pid(0)
-    del supervisor
-    gc.collect()
-    wait_for(lambda: dead(worker), timeout=10, what="the dropped group's worker to be killed")
-    os.waitpid(worker, 0)
+    # What closing its own guardian's pipe did, before one guardian served every group. In a launcher
+    # process of its own, which lives on: its guardian's end is not what kills the worker.
+    launcher, [worker] = run_in_a_launcher(
+        SPAWN_A_SLEEP + "worker = supervisor.pid(0)\ndel supervisor\ngc.collect()\nprint(worker, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    try:
+        wait_for(lambda: dead(worker), timeout=10, what="the dropped group's worker to be killed")
+        assert launcher.poll() is None
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def test_a_child_forked_from_the_launcher_does_not_keep_its_guardian_from_seeing_it_go(tmp_path):
+    # The guardian acts when its pipe reads EOF: a forked child holding the write end would keep it from
+    # killing the job after kill -9 of the launcher, for as long as the child lives. The worker's child
+    # shows it: the worker itself dies of its parent-death signal anyway.
+    grandchild_file = tmp_path / "grandchild"
+    launcher, [child] = run_in_a_launcher(
+        "import os, time\n"
+        "from launcher._native.supervisor import OutputRoute, Supervisor\n"
+        "supervisor = Supervisor()\n"
+        f"script = 'sleep 300 & echo $! > {grandchild_file}.tmp && mv {grandchild_file}.tmp {grandchild_file}; wait'\n"
+        "supervisor.spawn([b'/bin/sh'], [b'sh', b'-c', script.encode()], [], None, None, None, OutputRoute(),"
+        " OutputRoute())\n"
+        "child = os.fork()\n"
+        "if child == 0:\n    time.sleep(300)\n    os._exit(0)\n"
+        "print(child, flush=True)\ntime.sleep(300)\n"
+    )
+    grandchild = None
+    try:
+        wait_for(grandchild_file.exists, what="the worker's child")
+        grandchild = int(grandchild_file.read_text())
+        launcher.kill()
+        launcher.wait()
+        wait_for(lambda: dead(grandchild), timeout=10, what="the guardian to kill the killed launcher's job")
+        assert not dead(child)
+    finally:
+        launcher.kill()
+        for pid in (grandchild, child):
+            if pid is not None and not dead(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_spawn_kills_and_reaps_its_worker_when_the_guardian_is_gone():

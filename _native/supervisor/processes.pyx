@@ -29,50 +29,55 @@ check(getrlimit(RLIMIT_NOFILE, &open_files_at_start), "getrlimit(RLIMIT_NOFILE)"
 
 # The guardian (supervisor_spawn.h) of every group this process starts: forked with the first and kept
 # until the process exits, so that a restart forks nothing (the fork of a launcher-sized process, the
-# copy-on-write faults after it and the child's exit took some 4 ms of a restart on two cores). A
-# process forked from this one starts a guardian of its own.
+# copy-on-write faults after it and the child's exit took some 4 ms of a restart on two cores).
 cdef int guardian_fd = -1  # the write end of its pipe
 cdef pid_t guardian_pid = 0
-cdef pid_t guardian_owner = 0  # the process that started it
 
 
 cdef pid_t process_guardian() except -1:
     """This process's guardian, started if it has none yet or the one it had is gone (killed)."""
-    global guardian_fd, guardian_pid, guardian_owner
+    global guardian_fd, guardian_pid
     cdef pollfd pipe_end
     cdef int status
     if guardian_pid > 0:
         pipe_end.fd = guardian_fd
         pipe_end.events = 0
         pipe_end.revents = 0
-        if guardian_owner != getpid():  # the parent's, inherited through fork: its pipe is not ours to hold
-            c_close(guardian_fd)
-            guardian_fd, guardian_pid = -1, 0
-        elif check(poll(&pipe_end, 1, 0), "poll") and pipe_end.revents & POLLERR:  # no reader: it died
+        if check(poll(&pipe_end, 1, 0), "poll") and pipe_end.revents & POLLERR:  # no reader: it died
             waitpid(guardian_pid, &status, WNOHANG)  # reaped here unless someone else did
             c_close(guardian_fd)
             guardian_fd, guardian_pid = -1, 0
     if guardian_pid == 0:
         guardian_pid = check(launcher_guardian_start(&guardian_fd), "cannot start the guardian")
-        if guardian_owner == 0:
-            atexit.register(end_process_guardian)
-        guardian_owner = getpid()
     return guardian_pid
 
 
 def end_process_guardian():
     """Close the guardian's pipe and wait for it to exit, having killed whatever of the job it still knew
-    of; called at the process's exit."""
+    of: at the process's exit."""
     global guardian_fd, guardian_pid
     cdef int status
     cdef pid_t pid = guardian_pid
-    if pid == 0 or guardian_owner != getpid():
+    if pid == 0:
         return
     c_close(guardian_fd)
     guardian_fd, guardian_pid = -1, 0
     with nogil:
         while waitpid(pid, &status, 0) < 0 and errno == EINTR:
             pass
+
+
+def forget_parent_guardian():
+    """In a child forked from this process (os.fork, multiprocessing): the guardian is the parent's, and its
+    pipe must not stay open here, or the guardian would not see the parent go while the child lives."""
+    global guardian_fd, guardian_pid
+    if guardian_fd >= 0:
+        c_close(guardian_fd)
+    guardian_fd, guardian_pid = -1, 0
+
+
+atexit.register(end_process_guardian)
+os.register_at_fork(after_in_child=forget_parent_guardian)
 
 
 cdef int guardian_send(const char *data, size_t size) except -1:
@@ -829,7 +834,7 @@ cdef class Supervisor:
         # Dropped neither stopped nor closed, in the process that made it (not a copy in a forked child):
         # killed as close() kills it (what a collected cycle already cleared, None here, is the guardian's
         # when the process exits).
-        made_here = self.guardian_pid > 0 and self.guardian_pid == guardian_pid and guardian_owner == getpid()
+        made_here = self.guardian_pid > 0 and self.guardian_pid == guardian_pid
         if made_here and not self.finished and self.workers is not None:
             for w in self.workers:
                 if not (<_Worker>w).reaped:
