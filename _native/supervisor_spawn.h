@@ -3,9 +3,10 @@
  *
  * Both children start from a multi-threaded process (a worker's shares its
  * memory, see launcher_clone3_run), so before exec/_exit they make only
- * system calls, on memory prepared before the clone. Every call's result is checked; a worker that cannot be
- * set up or executed reports {stage, errno} through a CLOEXEC pipe, which
- * reads empty in the parent once exec has succeeded.
+ * system calls, on memory prepared before the clone. Every call's result is
+ * checked; a worker that cannot be set up or executed reports {stage, errno}
+ * through a CLOEXEC pipe, which reads empty in the parent once exec has
+ * succeeded.
  */
 #ifndef LAUNCHER_SUPERVISOR_SPAWN_H
 #define LAUNCHER_SUPERVISOR_SPAWN_H
@@ -396,6 +397,12 @@ struct launcher_guardian_cgroup {
 static pid_t launcher_guardian_groups[LAUNCHER_GUARDIAN_CAPACITY];
 static struct launcher_guardian_cgroup launcher_guardian_cgroups[LAUNCHER_GUARDIAN_CGROUPS];
 
+static void launcher_guardian_kill_cgroup(const struct launcher_guardian_cgroup *slot) {
+    struct launcher_cgroup cgroup = {slot->directory, slot->version};
+    launcher_cgroup_kill(&cgroup);
+}
+
+/* Kill a cgroup whole, remove it once empty (or past the tries), and forget it. */
 static void launcher_guardian_end_cgroup(struct launcher_guardian_cgroup *slot) {
     struct launcher_cgroup cgroup = {slot->directory, slot->version};
     launcher_cgroup_kill(&cgroup);
@@ -430,7 +437,8 @@ static void launcher_guardian_apply(const struct launcher_guardian_record *recor
             if (slot->version != 0 && strncmp(slot->directory, directory, LAUNCHER_GUARDIAN_PATH_SIZE) == 0) {
                 if (record->op == LAUNCHER_GUARDIAN_CGROUP_RELEASE)
                     launcher_guardian_end_cgroup(slot);
-                slot->version = 0;
+                else
+                    slot->version = 0;
                 break;
             }
         }
@@ -462,32 +470,29 @@ static void launcher_guardian_child(int read_fd) {
     if (dup2(read_fd, 0) < 0) _exit(1);
     if (launcher_close_from(1, -1) != 0) _exit(1);
     size_t count = 0;
-    /* room for several records, a cgroup's whole among them; aligned as they are */
-    static int32_t buffer[4 * (sizeof(struct launcher_guardian_record) + LAUNCHER_GUARDIAN_PATH_SIZE) / 4];
+    /* room for several records, each at most PIPE_BUF bytes; aligned as they are */
+    alignas(8) static char buffer[4 * PIPE_BUF];
     size_t pending = 0; /* bytes read and not yet applied: a record may be split across reads */
     for (;;) {
-        ssize_t got = read(0, (char *)buffer + pending, sizeof buffer - pending);
+        ssize_t got = read(0, buffer + pending, sizeof buffer - pending);
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) break; /* EOF: the launcher is gone */
         pending += (size_t)got;
         size_t used = 0;
         while (pending - used >= sizeof(struct launcher_guardian_record)) {
-            const struct launcher_guardian_record *record =
-                (const struct launcher_guardian_record *)((char *)buffer + used);
+            const struct launcher_guardian_record *record = (const struct launcher_guardian_record *)(buffer + used);
             size_t size = launcher_guardian_record_size(record);
             if (pending - used < size) break;
             launcher_guardian_apply(record, &count);
             used += size;
         }
         pending -= used;
-        memmove(buffer, (char *)buffer + used, pending);
+        memmove(buffer, buffer + used, pending);
     }
     for (size_t j = 0; j < count; j++) kill(-launcher_guardian_groups[j], SIGKILL);
+    /* Every cgroup killed before any is waited for: none runs on while another empties. */
     for (size_t j = 0; j < LAUNCHER_GUARDIAN_CGROUPS; j++) {
-        if (launcher_guardian_cgroups[j].version != 0) {
-            struct launcher_cgroup cgroup = {launcher_guardian_cgroups[j].directory, launcher_guardian_cgroups[j].version};
-            launcher_cgroup_kill(&cgroup);
-        }
+        if (launcher_guardian_cgroups[j].version != 0) launcher_guardian_kill_cgroup(&launcher_guardian_cgroups[j]);
     }
     for (size_t j = 0; j < LAUNCHER_GUARDIAN_CGROUPS; j++) {
         if (launcher_guardian_cgroups[j].version != 0) launcher_guardian_end_cgroup(&launcher_guardian_cgroups[j]);
