@@ -8,9 +8,12 @@ BUILD_STAMP := $(VENV)/.build-done
 # Every Cython and C source, the files the extensions include from subdirectories too.
 NATIVE_SOURCES := $(shell find _native -name '*.pyx' -o -name '*.pxd' -o -name '*.h') setup.py
 NPROC ?= auto
-# The single binary: PyInstaller's onefile bootloader and archive (packaging/launcher.spec).
+# The single binary: our bootloader (packaging/bootloader.c) with PyInstaller's one-directory build of the
+# launcher (packaging/launcher.spec) appended by packaging/bundle.py.
 BINARY := dist/launcher
-BINARY_SOURCES := packaging/launcher.spec packaging/entry.py $(wildcard launcher/*.py launcher/*/*.py)
+BOOTLOADER := build/bootloader
+ONEDIR := build/onedir
+BINARY_SOURCES := packaging/launcher.spec packaging/entry.py packaging/bundle.py $(wildcard launcher/*.py launcher/*/*.py)
 
 .PHONY: setup build run test lint asan bench binary clean
 
@@ -19,6 +22,7 @@ setup: $(BUILD_STAMP)
 $(SETUP_STAMP): requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements-dev.txt torch==2.13.0
+	test -f /usr/include/zlib.h || ./.ci/install-zlib-dev
 	command -v etcd >/dev/null || ./.ci/install-etcd
 	./.ci/install-slurm
 	test -x /usr/sbin/sshd || ./.ci/install-openssh-server
@@ -33,10 +37,17 @@ $(BUILD_STAMP): $(SETUP_STAMP) $(NATIVE_SOURCES)
 
 build: $(BUILD_STAMP)
 
+# The bootloader needs nothing but the C library where it runs: zlib is linked in.
+$(BOOTLOADER): packaging/bootloader.c
+	mkdir -p $(@D)
+	$(CC) -O2 -Wall -Wextra -Werror -o $@ $< -Wl,-Bstatic -lz -Wl,-Bdynamic
+
 # A fixed hash seed and PyInstaller's cache under build/ make the build depend on its inputs only.
-$(BINARY): $(BUILD_STAMP) $(BINARY_SOURCES)
+$(BINARY): $(BUILD_STAMP) $(BOOTLOADER) $(BINARY_SOURCES)
 	PYTHONHASHSEED=0 PYINSTALLER_CONFIG_DIR=build/pyinstaller-config $(BIN)/pyinstaller --noconfirm \
-		--log-level WARN --distpath dist --workpath build/pyinstaller packaging/launcher.spec
+		--log-level WARN --distpath $(ONEDIR) --workpath build/pyinstaller packaging/launcher.spec
+	mkdir -p $(@D)
+	$(BIN)/python packaging/bundle.py $(BOOTLOADER) $(ONEDIR)/launcher $@
 
 binary: $(BINARY)
 

@@ -98,23 +98,21 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def run_measured(argv, *, env=None, cwd=None, timeout=120, watch_children=False):
+def run_measured(argv, *, env=None, cwd=None, timeout=120):
     """Run a command; return (wall seconds, peak RSS in KiB of the process itself).
 
     The peak is the process's own VmHWM, sampled until it exits, so workers it
-    starts are not counted. With ``watch_children`` its direct children that are
-    not in a session of their own (a onefile bootloader's child) are added.
+    starts are not counted.
     """
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peaks: dict[int, int] = {}
+    peak = 0
     done = threading.Event()
 
     def sample():
+        nonlocal peak
         while not done.is_set():
-            pids = [proc.pid] + (own_session_children(proc.pid) if watch_children else [])
-            for pid in pids:
-                peaks[pid] = max(peaks.get(pid, 0), peak_rss_kib(pid))
+            peak = max(peak, peak_rss_kib(proc.pid))
             done.wait(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -127,14 +125,5 @@ def run_measured(argv, *, env=None, cwd=None, timeout=120, watch_children=False)
         sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}: {stderr.decode()[-2000:]}")
-    return wall, sum(peaks.values())
+    return wall, peak
 
-
-def own_session_children(pid: int) -> list[int]:
-    """Direct children of ``pid`` in its session (workers lead sessions of their own)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-        return [c for c in children if os.getsid(c) == os.getsid(pid)]
-    except (FileNotFoundError, ProcessLookupError):
-        return []

@@ -1,12 +1,14 @@
 """The single binary, dist/launcher (`make binary`): what it carries, where it runs, how it ends.
 
-The binary is PyInstaller's onefile bootloader, the pid users see: it unpacks
-the bundle into a ``_MEI*`` directory under $TMPDIR and runs the launcher
-there in a child process. Every test runs it as an admin would on a machine
-without pip: with an environment holding nothing but PATH and TMPDIR (as under
-``env -i``), a PATH with bash and sleep only (no Python, unless a test puts
-one there), and torch only in the interpreter named by --python for the
-workers.
+The binary is our bootloader (packaging/bootloader.c) with the launcher's
+bundle appended: it unpacks the bundle once into the user's cache
+(``${XDG_CACHE_HOME:-$HOME/.cache}/launcher``, else
+``$TMPDIR/launcher-<uid>``) and execs the launcher in that copy, which keeps
+the pid users see. Every test runs it as an admin would on a machine without
+pip: with an environment holding nothing but PATH and TMPDIR (as under
+``env -i``: the copy goes under $TMPDIR), a PATH with bash and sleep only (no
+Python, unless a test puts one there), and torch only in the interpreter named
+by --python for the workers.
 """
 import ctypes
 import fcntl
@@ -19,10 +21,10 @@ import signal
 import subprocess
 import sys
 import termios
-import time
 import uuid
 import zipfile
 
+import bundle
 import pytest
 from helpers import (
     REPO,
@@ -31,7 +33,6 @@ from helpers import (
     descendants,
     finish,
     free_port,
-    my_zombies,
     node_addr,
     read_env,
     state,
@@ -53,29 +54,37 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def built():
+    """The binary's bundle: its id and its files by path."""
+    return bundle.read(BINARY)
+
+
 @pytest.fixture
-def bare(tmp_path):
-    """The environment of a machine without Python: ``bare.env()``; unpacking goes to ``bare.unpack_root``."""
-    return BareMachine(tmp_path)
+def bare(tmp_path, built):
+    """The environment of a machine without Python: ``bare.env()``; the copy is unpacked under ``bare.tmpdir``."""
+    return BareMachine(tmp_path, built[0])
 
 
 class BareMachine:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, bundle_id):
         self.path = tmp_path / "bin"
         self.path.mkdir()
         for program in ("bash", "sleep"):
             (self.path / program).symlink_to(shutil.which(program))
-        self.unpack_root = tmp_path / "tmp"
-        self.unpack_root.mkdir()
+        self.tmpdir = tmp_path / "tmp"
+        self.tmpdir.mkdir()
+        self.cache = self.tmpdir / f"launcher-{os.geteuid()}"  # with no HOME nor XDG_CACHE_HOME
+        self.copy_name = f"unpacked-{bundle_id}"
         self.out = tmp_path / "out"
         self.out.mkdir()
 
     def env(self, **extra):
-        return {"PATH": str(self.path), "TMPDIR": str(self.unpack_root), **{k: str(v) for k, v in extra.items()}}
+        return {"PATH": str(self.path), "TMPDIR": str(self.tmpdir), **{k: str(v) for k, v in extra.items()}}
 
-    def unpacked(self):
-        """The unpack directories still there."""
-        return [name for name in os.listdir(self.unpack_root) if name.startswith("_MEI")]
+    def copies(self, cache=None):
+        """What the cache holds: one whole copy, nothing half unpacked nor set aside, after any start."""
+        return sorted(os.listdir(cache or self.cache))
 
     def run(self, *args, env=None, timeout=180):
         return subprocess.run([BINARY, *map(str, args)], env=env or self.env(), cwd=REPO, capture_output=True,
@@ -103,14 +112,17 @@ def two_nodes(bare, *args):
 # What it carries --------------------------------------------------------------------------------
 
 
-def carried_names():
-    """Every file in the binary's archive, every module in its PYZ and every file in its base_library.zip."""
+def carried_names(built, tmp_path):
+    """Every file in the bundle (the one-directory build), every module in the PYZ archive its launcher program
+    carries and every file in its base_library.zip."""
     from PyInstaller.archive.readers import CArchiveReader
 
-    archive = CArchiveReader(BINARY)
-    names = set(archive.toc)
-    names |= set(archive.open_embedded_archive("PYZ.pyz").toc)
-    names |= set(zipfile.ZipFile(io.BytesIO(archive.extract("base_library.zip"))).namelist())
+    _, files = built
+    names = {name.removeprefix("_internal/") for name in files}
+    program = tmp_path / "launcher"
+    program.write_bytes(files["launcher"])
+    names |= set(CArchiveReader(str(program)).open_embedded_archive("PYZ.pyz").toc)
+    names |= set(zipfile.ZipFile(io.BytesIO(files["_internal/base_library.zip"])).namelist())
     return names
 
 
@@ -121,8 +133,8 @@ def top_level(name):
     return name.replace("/", ".").split(".")[0]
 
 
-def test_the_bundle_holds_the_launcher_and_its_extensions_and_no_torch_nor_build_tools():
-    names = carried_names()
+def test_the_bundle_holds_the_launcher_and_its_extensions_and_no_torch_nor_build_tools(built, tmp_path):
+    names = carried_names(built, tmp_path)
     for extension in ("store", "supervisor"):
         assert any(name.startswith(f"launcher/_native/{extension}.") and name.endswith(".so") for name in names)
     assert {"launcher.cli", "launcher.agent", "launcher.launch", "launcher.rendezvous.c10d",
@@ -141,7 +153,7 @@ def test_version_and_help_work_in_a_bare_environment(bare):
     help_text = bare.run("--help")
     assert help_text.returncode == 0
     assert "--legacy-launch" in help_text.stdout and "--python PATH" in help_text.stdout
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
 # Where it runs ----------------------------------------------------------------------------------
@@ -157,8 +169,8 @@ def test_bash_workers_run_with_no_python_on_path(bare):
         assert (bare.out / f"{rank}.python").read_text() == "none\n"
         # The workers get the environment the binary was given, not the bootloader's additions.
         assert env["LD_LIBRARY_PATH"] == "/opt/site/lib"
-        assert not [name for name in env if name.startswith("_PYI_")]
-    assert bare.unpacked() == []
+        assert not [name for name in env if name.startswith(("_PYI_", "_LAUNCHER_"))]
+    assert bare.copies() == [bare.copy_name]
 
 
 def test_bash_workers_on_two_nodes_c10d(bare):
@@ -168,7 +180,7 @@ def test_bash_workers_on_two_nodes_c10d(bare):
     assert [env["WORLD_SIZE"] for env in ranks] == ["4"] * 4
     assert len({env["MASTER_ADDR"] for env in ranks}) == 1  # the node that took rank 0
     assert {env["MASTER_ADDR"] for env in ranks} <= {"127.0.0.2", "127.0.0.3"}
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
 def test_gloo_all_reduce_with_the_python_given(bare):
@@ -177,7 +189,7 @@ def test_gloo_all_reduce_with_the_python_given(bare):
     for rank in range(2):
         assert json.loads((bare.out / f"{rank}.json").read_text()) == {"sum": 3.0, "world_size": 2,
                                                                          "python": TORCH_PYTHON}
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
 def test_gloo_all_reduce_on_two_nodes_c10d(bare):
@@ -185,7 +197,7 @@ def test_gloo_all_reduce_on_two_nodes_c10d(bare):
         assert code == 0, err
     for rank in range(4):
         assert json.loads((bare.out / f"{rank}.json").read_text())["sum"] == 10.0
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
 @pytest.mark.parametrize("given", ["nothing", "PYTHON_EXEC"])
@@ -205,7 +217,7 @@ def test_a_python_script_without_python_on_path_is_refused_in_one_line(bare):
         "launcher: error: no Python for the workers: python3 and python are not on PATH; give --python PATH "
         "(or --no-python to run a program directly) (see launcher --help)"
     ]
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
 def test_an_etcd_rendezvous_over_http(bare, etcd_server):
@@ -213,7 +225,7 @@ def test_an_etcd_rendezvous_over_http(bare, etcd_server):
                       "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "record")
     assert result.returncode == 0, result.stderr
     assert [read_env(bare.out / f"{rank}.env")["RANK"] for rank in range(2)] == ["0", "1"]
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
 def test_https_etcd_endpoints_are_refused_in_one_line(bare):
@@ -225,7 +237,7 @@ def test_https_etcd_endpoints_are_refused_in_one_line(bare):
         "launcher: error: https etcd endpoints need TLS, which this launcher does not carry: run `python -m launcher` "
         "from a Python installation for them"
     ]
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
 def test_legacy_launch_passes_local_rank_unless_use_env(bare):
@@ -265,45 +277,49 @@ def wait_until_gone(processes, reap=False, timeout=30):
 
 @pytest.fixture
 def subreaper():
-    """This test process adopts the orphans of its children, so a launcher that outlives its bootloader can be
-    reaped and checked."""
+    """This test process adopts the orphans of its children, so the workers of a killed launcher can be reaped
+    and checked."""
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     yield
     libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
-def test_kill_9_of_the_bootloader_stops_the_workers_as_sigterm_and_leaves_nothing(bare, subreaper):
-    proc = bare.start("--standalone", "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "children", 2, "TERM")
-    processes = []
+def test_the_binary_is_the_launcher_running_from_the_copy(bare):
+    """No process stands between the command and the launcher: its pid, its program in the copy."""
+    proc = bare.start("--standalone", "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "children", 1, "TERM")
     try:
         bare.ready(proc)
-        [launcher] = children(proc.pid)
-        processes = descendants(proc.pid)  # the launcher, its guardian, the workers and their sleeps
-        assert len(processes) == 1 + 1 + 2 + 2 * 2
-        proc.kill()
-        killed_at = time.monotonic()
-        proc.wait()
-        # The launcher, now this process's child, exits once its workers are gone.
-        wait_for(lambda: state(launcher) == "Z", timeout=30, what="the launcher to exit")
-        _, status = os.waitpid(launcher, 0)
-        assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
-        wait_until_gone(processes)  # reaped by the launcher
-        assert time.monotonic() - killed_at < 15  # SIGTERM did it, not a 30 s shutdown timeout
-        for rank in range(2):
-            assert (bare.out / f"{rank}.signals").read_text() == "SIGTERM\n"
-        assert my_zombies() == []
-        assert bare.unpacked() == []  # removed by the launcher, its bootloader gone
+        assert os.readlink(f"/proc/{proc.pid}/exe") == str(bare.cache / bare.copy_name / "launcher")
+        workers = [pid for pid in children(proc.pid) if os.readlink(f"/proc/{pid}/exe") == shutil.which("bash")]
+        assert len(workers) == 2
     finally:
-        for pid in processes:
-            if state(pid) not in (None, "Z"):
-                os.kill(pid, signal.SIGKILL)
-        [(_, _, err)] = finish(proc)
-    assert "Traceback" not in err
+        proc.terminate()
+        [(code, _, err)] = finish(proc)
+    assert code == 128 + signal.SIGTERM, err
+
+
+@pytest.mark.parametrize("whom", ["the launcher", "its process group"])
+def test_kill_9_of_the_launcher_leaves_no_worker(bare, subreaper, whom):
+    """Its guardian kills the workers' groups; the workers, each in a session of its own, are not in the
+    launcher's group (a terminal's SIGKILL to its job)."""
+    proc = bare.start("--standalone", "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "children", 2, "TERM",
+                      start_new_session=True)  # the launcher leads its group, as a shell's job does
+    bare.ready(proc)
+    processes = descendants(proc.pid)  # its guardian, the workers and their sleeps
+    assert len(processes) == 1 + 2 + 2 * 2
+    if whom == "the launcher":
+        proc.kill()
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+    [(code, _, _)] = finish(proc)
+    assert code == -signal.SIGKILL
+    wait_until_gone(processes, reap=True)  # orphaned, they and the guardian are this process's to reap
+    assert bare.copies() == [bare.copy_name]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_the_bootloader_reaches_the_launcher_and_sets_its_exit_code(bare, sig):
+def test_a_signal_to_the_binary_reaches_the_workers_and_sets_its_exit_code(bare, sig):
     proc = bare.start("--standalone", "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "children", 1,
                       sig.name.removeprefix("SIG"))
     bare.ready(proc)
@@ -314,14 +330,14 @@ def test_a_signal_to_the_bootloader_reaches_the_launcher_and_sets_its_exit_code(
     for rank in range(2):
         assert (bare.out / f"{rank}.signals").read_text() == f"{sig.name}\n"
     assert survivors(processes) == {}
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
-def test_ctrl_c_to_the_whole_group_reaches_the_launcher_once(bare):
-    """A terminal sends SIGINT to its foreground group: the launcher gets only the bootloader's copy, so
-    the workers keep their shutdown grace (a second SIGINT would cut it short with SIGKILL)."""
+def test_ctrl_c_to_the_whole_group_reaches_the_workers_once(bare):
+    """A terminal sends SIGINT to its foreground group: the workers, in groups of their own, get only the
+    launcher's copy, so they keep their shutdown grace (a second SIGINT would cut it short with SIGKILL)."""
     proc = bare.start("--standalone", "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "slow-stop", "INT",
-                      start_new_session=True)  # the bootloader leads its group, as a shell's job does
+                      start_new_session=True)  # the launcher leads its group, as a shell's job does
     bare.ready(proc)
     os.killpg(proc.pid, signal.SIGINT)
     wait_for(lambda: all((bare.out / f"{r}.signals").exists() for r in range(2)) or proc.poll() is not None,
@@ -332,11 +348,11 @@ def test_ctrl_c_to_the_whole_group_reaches_the_launcher_once(bare):
     for rank in range(2):
         assert (bare.out / f"{rank}.signals").read_text() == "SIGINT\n"
         assert (bare.out / f"{rank}.done").exists()  # not killed while stopping
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
 
 
-def test_with_tostop_on_its_terminal_the_launcher_is_not_stopped_by_writing_to_it(bare):
-    """Out of the terminal's foreground group (the bootloader's), the launcher still writes to the terminal."""
+def test_with_tostop_on_its_terminal_the_launcher_writes_to_it(bare):
+    """The launcher is the terminal's foreground job (no process of the bootloader's sits in between)."""
     controller, terminal = pty.openpty()
     modes = termios.tcgetattr(terminal)
     modes[3] |= termios.TOSTOP
@@ -361,43 +377,8 @@ def test_with_tostop_on_its_terminal_the_launcher_is_not_stopped_by_writing_to_i
     assert "Setting OMP_NUM_THREADS" in shown  # the launcher's warning reached the terminal
 
 
-def test_kill_9_of_the_whole_group_leaves_the_launcher_to_stop_and_clean_up(bare, subreaper):
-    proc = bare.start("--standalone", "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "children", 1, "TERM",
-                      start_new_session=True)
-    processes = []
-    try:
-        bare.ready(proc)
-        [launcher] = children(proc.pid)
-        processes = descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        wait_for(lambda: state(launcher) == "Z", timeout=30, what="the launcher to exit")
-        _, status = os.waitpid(launcher, 0)
-        assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
-        wait_until_gone(processes)  # reaped by the launcher
-        assert bare.unpacked() == []
-    finally:
-        for pid in processes:
-            if state(pid) not in (None, "Z"):
-                os.kill(pid, signal.SIGKILL)
-        finish(proc)
-
-
-def test_kill_9_of_the_launcher_leaves_no_worker_and_the_bootloader_cleans_up(bare, subreaper):
-    proc = bare.start("--standalone", "--nproc-per-node=2", "--no-python", BASH_WORKER, bare.out, "children", 2, "TERM")
-    bare.ready(proc)
-    processes = descendants(proc.pid)
-    [launcher] = children(proc.pid)
-    os.kill(launcher, signal.SIGKILL)
-    [(code, _, _)] = finish(proc)
-    assert code == -signal.SIGKILL  # the bootloader ends as its child did
-    # The guardian kills the workers' groups; orphaned, they and it are this process's to reap.
-    wait_until_gone(processes, reap=True)
-    assert bare.unpacked() == []
-
-
 @pytest.mark.parametrize("ending, expected", [("success", 0), ("failure", 1), ("usage error", 2)])
-def test_the_unpack_directory_is_removed_at_every_ordinary_exit(bare, ending, expected):
+def test_the_copy_is_kept_whatever_the_exit(bare, ending, expected):
     args = {
         "success": ["--standalone", "--no-python", BASH_WORKER, bare.out, "exit", 0],
         "failure": ["--standalone", "--no-python", BASH_WORKER, bare.out, "exit", 1],
@@ -405,4 +386,92 @@ def test_the_unpack_directory_is_removed_at_every_ordinary_exit(bare, ending, ex
     }[ending]
     result = bare.run(*args)
     assert result.returncode == expected, result.stderr
-    assert bare.unpacked() == []
+    assert bare.copies() == [bare.copy_name]
+
+
+# How it unpacks ---------------------------------------------------------------------------------
+
+
+def test_the_first_start_unpacks_one_copy_that_later_starts_reuse(bare, built):
+    first = bare.run("--version")
+    assert first.returncode == 0, first.stderr
+    program = bare.cache / bare.copy_name / "launcher"
+    unpacked_at = os.stat(program)
+    assert bare.run("--version").stdout == first.stdout
+    assert (os.stat(program).st_ino, os.stat(program).st_mtime_ns) == (unpacked_at.st_ino, unpacked_at.st_mtime_ns)
+    assert bare.copies() == [bare.copy_name]
+    assert os.stat(bare.cache).st_mode & 0o777 == 0o700
+    _, files = built
+    for path, content in files.items():
+        assert (bare.cache / bare.copy_name / path).read_bytes() == content, path
+
+
+@pytest.mark.parametrize("variable", ["HOME", "XDG_CACHE_HOME"])
+def test_the_copy_goes_to_the_users_cache(bare, tmp_path, variable):
+    home = tmp_path / "home"
+    home.mkdir()
+    result = bare.run("--version", env=bare.env(**{variable: home}))
+    assert result.returncode == 0, result.stderr
+    cache = home / ".cache" / "launcher" if variable == "HOME" else home / "launcher"
+    assert bare.copies(cache) == [bare.copy_name]
+    assert os.listdir(bare.tmpdir) == []
+
+
+def test_concurrent_first_starts_leave_one_whole_copy(bare):
+    starts = [bare.start("--version") for _ in range(6)]
+    for code, out, err in finish(*starts):
+        assert (code, err) == (0, ""), err
+        assert out.startswith("launcher ")
+    assert bare.copies() == [bare.copy_name]
+
+
+def test_a_copy_that_lost_files_is_replaced(bare, built):
+    assert bare.run("--version").returncode == 0
+    copy = bare.cache / bare.copy_name
+    _, files = built
+    lost = [path for path in files if path.startswith("_internal/libpython")]
+    for path in lost:
+        (copy / path).unlink()  # as a cleaner of old files in /tmp would
+    (copy / "_internal" / "base_library.zip").write_bytes(b"")  # and a damaged file
+    result = bare.run("--version")
+    assert result.returncode == 0, result.stderr
+    for path in [*lost, "_internal/base_library.zip"]:
+        assert (copy / path).read_bytes() == files[path]
+    assert bare.copies() == [bare.copy_name]
+
+
+def test_a_cache_that_cannot_serve_is_passed_over_for_tmpdir(bare, tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    shared = tmp_path / "shared"
+    (shared / "launcher").mkdir(parents=True)
+    os.chmod(shared / "launcher", 0o777)  # anyone could plant a copy there
+    for cache_home in (not_a_directory, shared):
+        result = bare.run("--version", env=bare.env(XDG_CACHE_HOME=cache_home))
+        assert result.returncode == 0, result.stderr
+        assert bare.copies() == [bare.copy_name]
+    assert os.listdir(shared / "launcher") == []
+
+
+def test_with_nowhere_to_unpack_it_fails_in_one_line(bare):
+    bare.cache.mkdir()
+    os.chmod(bare.cache, 0o777)
+    result = bare.run("--version")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"launcher: cannot unpack and run the launcher in {bare.cache}: Operation not permitted"
+    ]
+    assert bare.copies() == []
+
+
+def test_a_truncated_binary_fails_in_one_line(bare, tmp_path):
+    truncated = tmp_path / "launcher"
+    with open(BINARY, "rb") as whole:
+        truncated.write_bytes(whole.read()[:-100])
+    truncated.chmod(0o755)
+    result = subprocess.run([truncated, "--version"], env=bare.env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"launcher: {truncated} has no bundle: it is not the whole single binary (a truncated copy?)"
+    ]
+    assert not bare.cache.exists()

@@ -5,7 +5,7 @@
 #   hosts_worker.sh DIR record ARGS...     write DIR/<RANK>.argv (ARGS, each ended by a NUL), DIR/<RANK>.environ
 #                                          (its environment as the kernel holds it: NUL-separated), DIR/<RANK>.cwd,
 #                                          DIR/<RANK>.stdin (what its stdin is) and DIR/<RANK>.launcher (the
-#                                          program of its parent, the launcher), then print a line on stdout
+#                                          program its parent, the launcher, was started as: its argv[0]), then print a line on stdout
 #                                          and one on stderr
 #   hosts_worker.sh DIR wait               start a `sleep` child in its process group, write "PID SLEEP_PID"
 #                                          to DIR/<RANK>.ready; at SIGTERM append SIGTERM to DIR/<RANK>.signals
@@ -24,7 +24,9 @@ record)
     cat "/proc/$$/environ" > "$dir/$RANK.environ"
     printf '%s' "$PWD" > "$dir/$RANK.cwd"
     readlink "/proc/$$/fd/0" > "$dir/$RANK.stdin"
-    readlink "/proc/$PPID/exe" > "$dir/$RANK.launcher"
+    # Not /proc/$PPID/exe: the single binary's launcher runs from the copy its bootloader unpacked.
+    IFS= read -r -d '' launcher < "/proc/$PPID/cmdline"
+    printf '%s\n' "$launcher" > "$dir/$RANK.launcher"
     echo "rank $RANK says hello"
     echo "rank $RANK complains" >&2
     ;;
