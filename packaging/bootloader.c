@@ -17,6 +17,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <ftw.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -25,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -32,6 +34,7 @@
 #define ID_LENGTH 16
 #define ENTRY_HEADER_SIZE 40
 #define CHUNK (256 * 1024)
+#define STALE_SECONDS (60 * 60) /* a directory of a start that was killed while unpacking; none takes this long */
 
 /* The end of the file (little-endian; packaging/bundle.py writes it): magic, where the index starts, its size, id. */
 struct trailer {
@@ -260,8 +263,27 @@ static char *fresh_directory(const char *root, const char *prefix) {
     return path;
 }
 
+/* Remove what starts killed while unpacking, or while removing a damaged copy, left beside the copies. */
+static void remove_stale(const char *root) {
+    DIR *directory = opendir(root);
+    struct dirent *entry;
+    struct stat st;
+    if (!directory) return;
+    while ((entry = readdir(directory))) {
+        char *path;
+        if (strncmp(entry->d_name, ".unpack-", 8) != 0 && strncmp(entry->d_name, ".damaged-", 9) != 0) continue;
+        if (fstatat(dirfd(directory), entry->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode) ||
+            st.st_mtime > time(NULL) - STALE_SECONDS || asprintf(&path, "%s/%s", root, entry->d_name) < 0)
+            continue;
+        remove_tree(path);
+        free(path);
+    }
+    closedir(directory);
+}
+
 /* Unpack the bundle into root/name, whole or not at all. 0 once root/name is whole (ours or a concurrent start's). */
 static int unpack(const char *root, int root_fd, const char *name, const struct bundle *bundle) {
+    remove_stale(root);
     char *part = fresh_directory(root, "unpack");
     if (!part) return -1;
     int copy = open(part, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC), status = copy < 0 ? -1 : 0;

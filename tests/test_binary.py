@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import termios
+import time
 import uuid
 import zipfile
 
@@ -438,6 +439,19 @@ def test_a_copy_that_lost_files_is_replaced(bare, built):
     for path in [*lost, "_internal/base_library.zip"]:
         assert (copy / path).read_bytes() == files[path]
     assert bare.copies() == [bare.copy_name]
+
+
+def test_unpacking_removes_what_a_start_killed_while_unpacking_left(bare):
+    bare.cache.mkdir(mode=0o700)
+    hour_ago = time.time() - 3600
+    for name in (".unpack-old", ".damaged-old", ".unpack-now"):
+        (bare.cache / name / "_internal").mkdir(parents=True)
+        (bare.cache / name / "_internal" / "libpython3.11.so.1.0").write_bytes(b"part")
+    for name in (".unpack-old", ".damaged-old"):
+        os.utime(bare.cache / name, (hour_ago, hour_ago))
+    result = bare.run("--version")
+    assert result.returncode == 0, result.stderr
+    assert bare.copies() == [".unpack-now", bare.copy_name]  # a concurrent start may be unpacking there
 
 
 def test_a_cache_that_cannot_serve_is_passed_over_for_tmpdir(bare, tmp_path):
