@@ -112,12 +112,13 @@ static int safe_path(const char *path) {
     return 1;
 }
 
-/* The bundle appended to this program, checked enough that a truncated or altered file fails in one line. */
+/* The bundle appended to this program, checked enough that a truncated or altered file fails in one line. Read
+ * through /proc/self/exe, which stays this program's file even where its path was replaced since it started. */
 static void open_bundle(struct bundle *bundle, const char *self) {
     struct stat st;
     struct trailer trailer;
     unsigned char raw[sizeof trailer];
-    bundle->fd = open(self, O_RDONLY | O_CLOEXEC);
+    bundle->fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     if (bundle->fd < 0 || fstat(bundle->fd, &st) != 0) die("cannot read %s: %s", self, strerror(errno));
     if (st.st_size < (off_t)sizeof raw || read_exactly(bundle->fd, raw, sizeof raw, st.st_size - (off_t)sizeof raw))
         die("%s has no bundle: it is not the whole single binary (a truncated copy?)", self);

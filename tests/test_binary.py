@@ -478,6 +478,22 @@ def test_with_nowhere_to_unpack_it_fails_in_one_line(bare):
     assert bare.copies() == []
 
 
+def test_a_binary_whose_file_is_gone_once_started_still_runs(bare, tmp_path):
+    """Its path may be replaced while it starts (a new build copied over it): the bundle is read from the
+    program the kernel runs, not from the path."""
+    doomed = tmp_path / "launcher"
+    shutil.copy(BINARY, doomed)
+    fd = os.open(doomed, os.O_RDONLY)
+    try:
+        doomed.unlink()
+        result = subprocess.run([f"/proc/self/fd/{fd}", "--version"], env=bare.env(), pass_fds=[fd],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(fd)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("launcher ")
+
+
 def test_a_truncated_binary_fails_in_one_line(bare, tmp_path):
     truncated = tmp_path / "launcher"
     with open(BINARY, "rb") as whole:
