@@ -4,11 +4,11 @@ The figures: ``dist/launcher --version`` wall time; the 2-worker hello-world
 of bench_launch.py, wall time against torchrun, python -m launcher and the
 bare workers (bench/bare.py; every launcher's workers run the virtualenv's
 Python: the binary is given it with --python); the binary's size; the
-launcher's peak RSS in that hello-world. Every start but the first of a user
-runs the copy of the bundle unpacked into the user's cache by the first: the
+launcher's peak RSS in that hello-world. Every start but the first of a user on
+a machine runs the copy of the bundle the first unpacked: the
 wall times are those of later starts (the first run of each figure warms the
 cache, medians leave it out); the first start is a figure of its own, each run
-with an empty cache.
+with an empty $TMPDIR.
 
 Wall times are medians of runs that take turns (bare workers, binary,
 python -m launcher, torchrun, bare workers, ...), so a change in the
@@ -48,8 +48,8 @@ def run(runs: int) -> list[Row]:
     wall_seconds([BINARY, "--version"])  # the user's cache gets its copy
 
     def first_start() -> float:
-        with tempfile.TemporaryDirectory() as cache:
-            return wall_seconds([BINARY, "--version"], env={**os.environ, "XDG_CACHE_HOME": cache})
+        with tempfile.TemporaryDirectory() as tmpdir:
+            return wall_seconds([BINARY, "--version"], env={**os.environ, "TMPDIR": tmpdir})
 
     walls = median_walls({"bare hello": bare_seconds, "first version": first_start,
                           **{name: lambda argv=argv: wall_seconds(argv) for name, argv in commands.items()}}, runs)

@@ -2,16 +2,18 @@
  *
  * dist/launcher is this program with a bundle appended by packaging/bundle.py: the files of PyInstaller's
  * one-directory build of the launcher, each deflated, then an index of them, then a trailer that names the
- * bundle by its hash. The first start unpacks the bundle into the user's cache, in a directory of its own that
+ * bundle by its hash. A user's first start on a machine unpacks the bundle, in a directory of its own that
  * is renamed into place once complete: a copy is whole or absent whatever runs at the same time. Every start
  * checks the copy's files against the index (one fstatat each: a cleaner of old files may have taken some) and
  * execs the launcher in it, so the launcher gets this process's pid, signals and exit status; nothing of the
  * bootloader stays. PyInstaller's own onefile bootloader unpacked ~12 MB into a fresh directory at every start
  * and ran the launcher as its child.
  *
- * The cache: ${XDG_CACHE_HOME:-$HOME/.cache}/launcher, else ${TMPDIR:-/tmp}/launcher-<uid>; a directory is used
- * only when it is this user's and nobody else can write to it. The copy is unpacked-<id>. The launcher finds
- * this binary's path in _LAUNCHER_BINARY (its sys.executable: --hosts copies it to other hosts).
+ * Where: ${TMPDIR:-/tmp}/launcher-<uid>, else (mounted noexec, not writable) ${XDG_CACHE_HOME:-$HOME/.cache}/launcher.
+ * The first is the machine's own on a cluster, where the home is often shared: a thousand nodes' first starts
+ * there would each write the whole bundle to one file server. A directory is used only when it is this user's and
+ * nobody else can write to it. The copy is unpacked-<id>. The launcher finds this binary's path in
+ * _LAUNCHER_BINARY (its sys.executable: --hosts copies it to other hosts).
  *
  * Errors: one line on stderr, "launcher: ...", and exit status 1. */
 #define _GNU_SOURCE
@@ -26,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -318,6 +321,14 @@ static char *launcher_in(const char *root, const struct bundle *bundle) {
     if (make_directories(root) != 0) return NULL;
     int root_fd = open_private_directory(AT_FDCWD, root), whole = 0;
     if (root_fd < 0) return NULL;
+    struct statvfs filesystem;
+    int usable = fstatvfs(root_fd, &filesystem) == 0;
+    if (usable && (filesystem.f_flag & ST_NOEXEC)) usable = 0, errno = EACCES; /* nothing unpacked there could run */
+    if (!usable) {
+        int saved = errno;
+        close(root_fd);
+        return errno = saved, NULL;
+    }
     /* At most: a damaged copy discarded, ours unpacked, and a concurrent start's damaged copy found in its place. */
     for (int attempt = 0; attempt < 3; attempt++) {
         int copy = open_private_directory(root_fd, name), missing = copy < 0 && errno == ENOENT;
@@ -366,8 +377,7 @@ int main(int argc, char **argv) {
     open_bundle(&bundle, self);
 
     if (setenv("_LAUNCHER_BINARY", self, 1) != 0) die("cannot set _LAUNCHER_BINARY: %s", strerror(errno));
-    /* The second root serves when the first cannot: no HOME, a read-only or full home, a home mounted noexec. */
-    char *roots[2] = {cache_root(), temporary_root()};
+    char *roots[2] = {temporary_root(), cache_root()};
     int errors[2] = {0, 0};
     for (int i = 0; i < 2; i++) {
         if (!roots[i]) continue;
@@ -376,8 +386,8 @@ int main(int argc, char **argv) {
         if (launcher) execv(launcher, argv);
         errors[i] = errno ? errno : EIO;
     }
-    if (roots[0])
+    if (roots[1])
         die("cannot unpack and run the launcher in %s (%s) nor in %s (%s)", roots[0], strerror(errors[0]),
             roots[1], strerror(errors[1]));
-    die("cannot unpack and run the launcher in %s: %s", roots[1], strerror(errors[1]));
+    die("cannot unpack and run the launcher in %s: %s", roots[0], strerror(errors[0]));
 }

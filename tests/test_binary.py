@@ -1,14 +1,13 @@
 """The single binary, dist/launcher (`make binary`): what it carries, where it runs, how it ends.
 
 The binary is our bootloader (packaging/bootloader.c) with the launcher's
-bundle appended: it unpacks the bundle once into the user's cache
-(``${XDG_CACHE_HOME:-$HOME/.cache}/launcher``, else
-``$TMPDIR/launcher-<uid>``) and execs the launcher in that copy, which keeps
-the pid users see. Every test runs it as an admin would on a machine without
-pip: with an environment holding nothing but PATH and TMPDIR (as under
-``env -i``: the copy goes under $TMPDIR), a PATH with bash and sleep only (no
-Python, unless a test puts one there), and torch only in the interpreter named
-by --python for the workers.
+bundle appended: it unpacks the bundle once per user and machine
+(``$TMPDIR/launcher-<uid>``, else ``${XDG_CACHE_HOME:-$HOME/.cache}/launcher``)
+and execs the launcher in that copy, which keeps the pid users see. Every test
+runs it as an admin would on a machine without pip: with an environment
+holding nothing but PATH and TMPDIR (as under ``env -i``), a PATH with bash and
+sleep only (no Python, unless a test puts one there), and torch only in the
+interpreter named by --python for the workers.
 """
 import ctypes
 import fcntl
@@ -41,6 +40,7 @@ from helpers import (
     wait_for,
     wait_until_ready,
 )
+from slurm_cluster import unshare_refused
 
 BINARY = os.path.join(REPO, "dist", "launcher")
 BASH_WORKER = os.path.join(WORKERS, "bin_worker.sh")
@@ -75,7 +75,7 @@ class BareMachine:
             (self.path / program).symlink_to(shutil.which(program))
         self.tmpdir = tmp_path / "tmp"
         self.tmpdir.mkdir()
-        self.cache = self.tmpdir / f"launcher-{os.geteuid()}"  # with no HOME nor XDG_CACHE_HOME
+        self.cache = self.tmpdir / f"launcher-{os.geteuid()}"
         self.copy_name = f"unpacked-{bundle_id}"
         self.out = tmp_path / "out"
         self.out.mkdir()
@@ -408,14 +408,33 @@ def test_the_first_start_unpacks_one_copy_that_later_starts_reuse(bare, built):
 
 
 @pytest.mark.parametrize("variable", ["HOME", "XDG_CACHE_HOME"])
-def test_the_copy_goes_to_the_users_cache(bare, tmp_path, variable):
+def test_where_tmpdir_cannot_serve_the_copy_goes_to_the_users_cache(bare, tmp_path, variable):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
     home = tmp_path / "home"
     home.mkdir()
-    result = bare.run("--version", env=bare.env(**{variable: home}))
+    result = bare.run("--version", env=bare.env(**{variable: home, "TMPDIR": not_a_directory}))
     assert result.returncode == 0, result.stderr
     cache = home / ".cache" / "launcher" if variable == "HOME" else home / "launcher"
     assert bare.copies(cache) == [bare.copy_name]
-    assert os.listdir(bare.tmpdir) == []
+
+
+def test_a_tmpdir_mounted_noexec_is_passed_over(bare, tmp_path):
+    refused = unshare_refused()
+    if refused:
+        pytest.skip(refused)
+    home = tmp_path / "home"
+    home.mkdir()
+    # A mount namespace of its own, where TMPDIR is a tmpfs mounted noexec; what the binary left there is listed.
+    script = (f'mount -t tmpfs -o noexec tmpfs "$TMPDIR" && {BINARY} --version && '
+              f'ls -A "$TMPDIR/launcher-{os.geteuid()}"')
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                            env=bare.env(HOME=home, PATH=f"{bare.path}:/usr/bin:/bin"), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    [version] = result.stdout.splitlines()  # and nothing unpacked where it could not run
+    assert version.startswith("launcher ")
+    assert bare.copies(home / ".cache" / "launcher") == [bare.copy_name]
 
 
 def test_concurrent_first_starts_leave_one_whole_copy(bare):
@@ -454,17 +473,14 @@ def test_unpacking_removes_what_a_start_killed_while_unpacking_left(bare):
     assert bare.copies() == [".unpack-now", bare.copy_name]  # a concurrent start may be unpacking there
 
 
-def test_a_cache_that_cannot_serve_is_passed_over_for_tmpdir(bare, tmp_path):
-    not_a_directory = tmp_path / "file"
-    not_a_directory.write_text("")
-    shared = tmp_path / "shared"
-    (shared / "launcher").mkdir(parents=True)
-    os.chmod(shared / "launcher", 0o777)  # anyone could plant a copy there
-    for cache_home in (not_a_directory, shared):
-        result = bare.run("--version", env=bare.env(XDG_CACHE_HOME=cache_home))
-        assert result.returncode == 0, result.stderr
-        assert bare.copies() == [bare.copy_name]
-    assert os.listdir(shared / "launcher") == []
+def test_a_directory_others_can_write_to_is_passed_over(bare, tmp_path):
+    home = tmp_path / "home"
+    bare.cache.mkdir()
+    os.chmod(bare.cache, 0o777)  # anyone could plant a copy there
+    result = bare.run("--version", env=bare.env(HOME=home))
+    assert result.returncode == 0, result.stderr
+    assert bare.copies(home / ".cache" / "launcher") == [bare.copy_name]
+    assert bare.copies() == []
 
 
 def test_with_nowhere_to_unpack_it_fails_in_one_line(bare):
