@@ -37,15 +37,19 @@
 #define ID_LENGTH 16
 #define ENTRY_HEADER_SIZE 40
 #define CHUNK (256 * 1024)
+#define DAMAGED (-2) /* what unpacking an entry returns when its data fails its checks */
 #define STALE_SECONDS (60 * 60) /* a directory of a start that was killed while unpacking; none takes this long */
 
-/* The end of the file (little-endian; packaging/bundle.py writes it): magic, where the index starts, its size, id. */
+/* The end of the file (little-endian; packaging/bundle.py writes it): magic, where the index starts, its size, its
+ * CRC-32 (each file's deflated data carries a checksum of its own), 4 bytes of zeros, the bundle's id. */
 struct trailer {
     char magic[8];
     uint64_t index_offset;
     uint64_t index_size;
+    uint32_t index_crc;
     char id[ID_LENGTH];
 };
+#define TRAILER_SIZE 48
 
 enum kind { KIND_DIRECTORY = 0, KIND_FILE = 1, KIND_SYMLINK = 2 };
 
@@ -61,6 +65,7 @@ struct entry {
 };
 
 struct bundle {
+    const char *path; /* this program's, for messages */
     int fd;
     char id[ID_LENGTH + 1];
     size_t count;
@@ -120,7 +125,8 @@ static int safe_path(const char *path) {
 static void open_bundle(struct bundle *bundle, const char *self) {
     struct stat st;
     struct trailer trailer;
-    unsigned char raw[sizeof trailer];
+    unsigned char raw[TRAILER_SIZE];
+    bundle->path = self;
     bundle->fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     if (bundle->fd < 0 || fstat(bundle->fd, &st) != 0) die("cannot read %s: %s", self, strerror(errno));
     if (st.st_size < (off_t)sizeof raw || read_exactly(bundle->fd, raw, sizeof raw, st.st_size - (off_t)sizeof raw))
@@ -128,10 +134,11 @@ static void open_bundle(struct bundle *bundle, const char *self) {
     memcpy(trailer.magic, raw, 8);
     trailer.index_offset = le64(raw + 8);
     trailer.index_size = le64(raw + 16);
-    memcpy(trailer.id, raw + 24, ID_LENGTH);
+    trailer.index_crc = le32(raw + 24);
+    memcpy(trailer.id, raw + 32, ID_LENGTH);
     uint64_t end = (uint64_t)st.st_size - sizeof raw;
     if (memcmp(trailer.magic, TRAILER_MAGIC, 8) != 0 || trailer.index_offset > end ||
-        trailer.index_size != end - trailer.index_offset || trailer.index_size < 4)
+        trailer.index_size != end - trailer.index_offset || trailer.index_size < 4 || trailer.index_size > UINT32_MAX)
         die("%s has no bundle: it is not the whole single binary (a truncated copy?)", self);
     memcpy(bundle->id, trailer.id, ID_LENGTH);
     bundle->id[ID_LENGTH] = '\0';
@@ -141,6 +148,7 @@ static void open_bundle(struct bundle *bundle, const char *self) {
     if (!index) die("out of memory");
     if (read_exactly(bundle->fd, index, trailer.index_size, (off_t)trailer.index_offset))
         die("cannot read %s: %s", self, strerror(errno ? errno : EIO));
+    if (crc32(0, index, (uInt)trailer.index_size) != trailer.index_crc) die("%s: the bundle's index is damaged", self);
     uint64_t count = le32(index), at = 4;
     if (count > trailer.index_size / ENTRY_HEADER_SIZE) die("%s: the bundle's index is damaged", self);
     bundle->entries = calloc(count ? count : 1, sizeof *bundle->entries);
@@ -229,7 +237,7 @@ static int inflate_into(int out, const struct bundle *bundle, const struct entry
     } while (status != Z_STREAM_END);
     inflateEnd(&z);
     if (status != Z_STREAM_END || written != e->size || z.avail_in != 0 || read_so_far != e->data_size)
-        return errno = EILSEQ, -1;
+        return DAMAGED;
     return 0;
 }
 
@@ -237,17 +245,19 @@ static int unpack_entry(int copy, const struct bundle *bundle, const struct entr
     if (e->kind == KIND_DIRECTORY) return mkdirat(copy, e->path, 0700);
     if (e->kind == KIND_SYMLINK) {
         char target[PATH_MAX + 1];
-        if (e->size > PATH_MAX || read_exactly(bundle->fd, target, e->size, (off_t)e->data_offset))
-            return errno = EILSEQ, -1;
+        if (e->size > PATH_MAX) return DAMAGED;
+        if (read_exactly(bundle->fd, target, e->size, (off_t)e->data_offset)) return errno = EIO, -1;
         target[e->size] = '\0';
         return symlinkat(target, copy, e->path);
     }
     int out = openat(copy, e->path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (out < 0) return -1;
-    if (inflate_into(out, bundle, e) || fchmod(out, e->mode & 0755)) {
+    int status = inflate_into(out, bundle, e);
+    if (status == 0) status = fchmod(out, e->mode & 0755);
+    if (status != 0) {
         int saved = errno;
         close(out);
-        return errno = saved, -1;
+        return errno = saved, status;
     }
     return close(out);
 }
@@ -291,7 +301,13 @@ static int unpack(const char *root, int root_fd, const char *name, const struct 
     char *part = fresh_directory(root, "unpack");
     if (!part) return -1;
     int copy = open(part, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC), status = copy < 0 ? -1 : 0;
-    for (size_t i = 0; status == 0 && i < bundle->count; i++) status = unpack_entry(copy, bundle, &bundle->entries[i]);
+    size_t i;
+    for (i = 0; status == 0 && i < bundle->count; i++) status = unpack_entry(copy, bundle, &bundle->entries[i]);
+    if (status == DAMAGED) {
+        remove_tree(part);
+        die("%s: the bundle's data is damaged (%s): it is not the single binary as built", bundle->path,
+            bundle->entries[i - 1].path);
+    }
     if (status == 0) status = fchmod(copy, 0755);
     if (status == 0 && renameat(AT_FDCWD, part, root_fd, name) != 0) {
         /* Another start put a copy there first (renaming onto a non-empty directory fails): keep that one. */

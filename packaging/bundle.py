@@ -17,7 +17,7 @@ import sys
 import zlib
 
 MAGIC = b"LNCHBNDL"
-TRAILER = struct.Struct("<8sQQ16s")
+TRAILER = struct.Struct("<8sQQI4x16s")  # magic, index offset, index size, index CRC-32, id
 ENTRY = struct.Struct("<IIQQQI4x")  # kind, mode, size, data offset, data size, path length (with its NUL)
 DIRECTORY, FILE, SYMLINK = 0, 1, 2
 
@@ -52,7 +52,7 @@ def write(bootloader: str, directory: str, output: str) -> None:
     index = struct.pack("<I", count) + index
     bundle = bytes(data) + index
     bundle_id = hashlib.sha256(bundle).hexdigest()[:16].encode()
-    trailer = TRAILER.pack(MAGIC, len(head) + len(data), len(index), bundle_id)
+    trailer = TRAILER.pack(MAGIC, len(head) + len(data), len(index), zlib.crc32(index), bundle_id)
     part = output + ".part"
     with open(part, "wb") as out:
         out.write(head + bundle + trailer)
@@ -60,23 +60,27 @@ def write(bootloader: str, directory: str, output: str) -> None:
     os.replace(part, output)
 
 
+def entries(whole: bytes):
+    """(path, kind, data offset, data size) of each entry of a binary's bundle, in the index's order."""
+    magic, index_offset, _, _, _ = TRAILER.unpack_from(whole, len(whole) - TRAILER.size)
+    if magic != MAGIC:
+        raise ValueError("no bundle")
+    [count] = struct.unpack_from("<I", whole, index_offset)
+    at = index_offset + 4
+    for _ in range(count):
+        kind, _, _, offset, stored, path_length = ENTRY.unpack_from(whole, at)
+        at += ENTRY.size
+        yield whole[at:at + path_length - 1].decode(), kind, offset, stored
+        at += path_length
+
+
 def read(binary: str) -> tuple[str, dict[str, bytes]]:
     """The bundle's id and its files' contents by path (directories and symlinks left out)."""
     with open(binary, "rb") as program:
         whole = program.read()
-    magic, index_offset, index_size, bundle_id = TRAILER.unpack_from(whole, len(whole) - TRAILER.size)
-    if magic != MAGIC:
-        raise ValueError(f"{binary} has no bundle")
-    [count] = struct.unpack_from("<I", whole, index_offset)
-    at, files = index_offset + 4, {}
-    for _ in range(count):
-        kind, _, size, offset, stored, path_length = ENTRY.unpack_from(whole, at)
-        at += ENTRY.size
-        path = whole[at:at + path_length - 1].decode()
-        at += path_length
-        if kind == FILE:
-            files[path] = zlib.decompress(whole[offset:offset + stored])
-    return bundle_id.decode(), files
+    bundle_id = TRAILER.unpack_from(whole, len(whole) - TRAILER.size)[-1].decode()
+    return bundle_id, {path: zlib.decompress(whole[offset:offset + stored])
+                       for path, kind, offset, stored in entries(whole) if kind == FILE}
 
 
 if __name__ == "__main__":

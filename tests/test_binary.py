@@ -510,6 +510,27 @@ def test_a_binary_whose_file_is_gone_once_started_still_runs(bare, tmp_path):
     assert result.stdout.startswith("launcher ")
 
 
+@pytest.mark.parametrize("damage", ["index", "data"])
+def test_a_damaged_binary_fails_in_one_line_and_leaves_nothing(bare, tmp_path, damage):
+    """As a copy that went wrong would: the index has a checksum, each file's deflated data one of its own."""
+    with open(BINARY, "rb") as built:
+        whole = bytearray(built.read())
+    [(path, offset, stored)] = [(path, offset, stored) for path, kind, offset, stored in bundle.entries(whole)
+                                if path == "_internal/base_library.zip"]
+    at = offset + stored // 2 if damage == "data" else whole.rindex(path.encode())
+    whole[at] ^= 0x10
+    damaged = tmp_path / "launcher"
+    damaged.write_bytes(whole)
+    damaged.chmod(0o755)
+    result = subprocess.run([damaged, "--version"], env=bare.env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [{
+        "index": f"launcher: {damaged}: the bundle's index is damaged",
+        "data": f"launcher: {damaged}: the bundle's data is damaged ({path}): it is not the single binary as built",
+    }[damage]]
+    assert not bare.cache.exists() or bare.copies() == []
+
+
 def test_a_truncated_binary_fails_in_one_line(bare, tmp_path):
     truncated = tmp_path / "launcher"
     with open(BINARY, "rb") as whole:
