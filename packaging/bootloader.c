@@ -9,17 +9,18 @@
  * bootloader stays. PyInstaller's own onefile bootloader unpacked ~12 MB into a fresh directory at every start
  * and ran the launcher as its child.
  *
- * Where: ${TMPDIR:-/tmp}/launcher-<uid>, else (mounted noexec, not writable) ${XDG_CACHE_HOME:-$HOME/.cache}/launcher.
- * The first is the machine's own on a cluster, where the home is often shared: a thousand nodes' first starts
- * there would each write the whole bundle to one file server. A directory is used only when it is this user's and
- * nobody else can write to it. The copy is unpacked-<id>. The launcher finds this binary's path in
- * _LAUNCHER_BINARY (its sys.executable: --hosts copies it to other hosts).
+ * Where: ${TMPDIR:-/tmp}/launcher-<uid>, else (mounted noexec, not writable)
+ * ${XDG_CACHE_HOME:-$HOME/.cache}/launcher. The first is the machine's own on a cluster, where the home is often
+ * shared: a thousand nodes' first starts there would each write the whole bundle to one file server. A
+ * directory is used only when it is this user's and nobody else can write to it. The copy is unpacked-<id>.
+ * The launcher finds this binary's path in _LAUNCHER_BINARY (its sys.executable: --hosts copies it to other
+ * hosts).
  *
  * Errors: one line on stderr, "launcher: ...", and exit status 1. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <dirent.h>
 #include <ftw.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -53,8 +54,8 @@ struct trailer {
 
 enum kind { KIND_DIRECTORY = 0, KIND_FILE = 1, KIND_SYMLINK = 2 };
 
-/* One index entry: a header of ENTRY_HEADER_SIZE bytes, then the path (relative, no "..", no NUL). A file's
- * data is deflated (zlib), a symlink's is its target; a directory has none. */
+/* One index entry: a header of ENTRY_HEADER_SIZE bytes, then the path and the NUL that ends it (relative, no
+ * "." or ".." part). A file's data is deflated (zlib), a symlink's is its target; a directory has none. */
 struct entry {
     uint32_t kind;
     uint32_t mode;
@@ -166,7 +167,8 @@ static void open_bundle(struct bundle *bundle, const char *self) {
         at += ENTRY_HEADER_SIZE;
         if (path_length == 0 || path_length > PATH_MAX || trailer.index_size - at < path_length ||
             e->kind > KIND_SYMLINK || e->data_offset > trailer.index_offset ||
-            e->data_size > trailer.index_offset - e->data_offset || (e->kind == KIND_SYMLINK && e->data_size != e->size))
+            e->data_size > trailer.index_offset - e->data_offset ||
+            (e->kind == KIND_SYMLINK && e->data_size != e->size))
             die("%s: the bundle's index is damaged", self);
         e->path = (char *)index + at;
         at += path_length;
