@@ -6,9 +6,9 @@ bare workers (bench/bare.py; every launcher's workers run the virtualenv's
 Python: the binary is given it with --python); the binary's size; the
 launcher's peak RSS in that hello-world. Every start but the first of a user on
 a machine runs the copy of the bundle the first unpacked: the
-wall times are those of later starts (the first run of each figure warms the
-cache, medians leave it out); the first start is a figure of its own, each run
-with an empty $TMPDIR.
+wall times are those of later starts (one start unpacks the copy before they
+are measured); the first start is a figure of its own, each run with an empty
+$TMPDIR.
 
 Wall times are medians of runs that take turns (bare workers, binary,
 python -m launcher, torchrun, bare workers, ...), so a change in the
@@ -45,7 +45,7 @@ def run(runs: int) -> list[Row]:
         "python hello": LAUNCHER + ARGS,
         "torchrun hello": TORCHRUN + ARGS,
     }
-    wall_seconds([BINARY, "--version"])  # the user's cache gets its copy
+    wall_seconds([BINARY, "--version"])  # unpacks the copy the other starts run
 
     def first_start() -> float:
         with tempfile.TemporaryDirectory() as tmpdir:

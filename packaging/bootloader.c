@@ -1,4 +1,4 @@
-/* The single binary's bootloader: runs the launcher from a copy of its bundle unpacked once per user.
+/* The single binary's bootloader: runs the launcher from a copy of its bundle unpacked once per user and machine.
  *
  * dist/launcher is this program with a bundle appended by packaging/bundle.py: the files of PyInstaller's
  * one-directory build of the launcher, each deflated, then an index of them, then a trailer that names the

@@ -60,11 +60,17 @@ def write(bootloader: str, directory: str, output: str) -> None:
     os.replace(part, output)
 
 
+def trailer(whole: bytes) -> tuple:
+    """A binary's trailer: magic, index offset, index size, index CRC-32, id."""
+    fields = TRAILER.unpack_from(whole, len(whole) - TRAILER.size)
+    if fields[0] != MAGIC:
+        raise ValueError("no bundle")
+    return fields
+
+
 def entries(whole: bytes):
     """(path, kind, data offset, data size) of each entry of a binary's bundle, in the index's order."""
-    magic, index_offset, _, _, _ = TRAILER.unpack_from(whole, len(whole) - TRAILER.size)
-    if magic != MAGIC:
-        raise ValueError("no bundle")
+    _, index_offset, _, _, _ = trailer(whole)
     [count] = struct.unpack_from("<I", whole, index_offset)
     at = index_offset + 4
     for _ in range(count):
@@ -78,7 +84,7 @@ def read(binary: str) -> tuple[str, dict[str, bytes]]:
     """The bundle's id and its files' contents by path (directories and symlinks left out)."""
     with open(binary, "rb") as program:
         whole = program.read()
-    bundle_id = TRAILER.unpack_from(whole, len(whole) - TRAILER.size)[-1].decode()
+    bundle_id = trailer(whole)[-1].decode()
     return bundle_id, {path: zlib.decompress(whole[offset:offset + stored])
                        for path, kind, offset, stored in entries(whole) if kind == FILE}
 

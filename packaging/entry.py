@@ -1,7 +1,7 @@
 """The frozen launcher: what ``dist/launcher`` runs.
 
 packaging/bootloader.c execs PyInstaller's one-directory bootloader in the
-copy of the bundle it unpacked into the user's cache, which runs this program
+copy of the bundle it unpacked (once per user and machine), which runs this program
 in the same process: the launcher has the pid, the signals and the exit status
 of the command the user ran. Before the launcher starts, this program
 
