@@ -4,11 +4,16 @@ torchrun's command line (launcher.cli), or with ``--legacy-launch`` as the
 first argument torch.distributed.launch's (launcher.launch): the single
 binary runs no ``-m``, so this is how it is the legacy launcher too.
 """
+from __future__ import annotations
+
 import sys
-from typing import NoReturn
 
 from launcher import cli
 from launcher.console import console_main, exit_now
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 LEGACY_LAUNCH = "--legacy-launch"
 

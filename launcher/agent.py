@@ -34,9 +34,9 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
 
 from launcher import LOCAL_RANK_MACRO
 from launcher.config import NOTIFYING_SIGNALS, LaunchConfig
@@ -54,6 +54,10 @@ from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousError, RendezvousHandler, RendezvousInfo
 from launcher.store import StoreInterrupted
 from launcher.supervisor import EventKind, SignalWatch, WorkerExit, WorkerGroup, WorkerLaunch
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("launcher")
 

@@ -5,12 +5,16 @@ import logging
 import os
 import sys
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
 
 from launcher import agent, rendezvous
 from launcher.config import LaunchConfig, parse_signals
 from launcher.errors import ChildFailedError, SignalException, write_summary_json
 from launcher.supervisor import SignalWatch
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["LaunchConfig", "elastic_launch", "launch_agent"]
 

@@ -36,7 +36,7 @@ from argparse import (
     Namespace,
     RawDescriptionHelpFormatter,
 )
-from typing import Callable, Collection, NoReturn
+from collections.abc import Callable, Collection
 
 import launcher
 from launcher.config import LaunchConfig, parse_signals
@@ -51,6 +51,10 @@ from launcher.rendezvous.options import (
     parse_rdzv_endpoint,
 )
 from launcher.slurm import apply_slurm_defaults
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 log = logging.getLogger("launcher")
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any
 
 from launcher.logs import LogsSpecs
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_RDZV_TIMEOUT = 900
 

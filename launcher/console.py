@@ -16,11 +16,15 @@ import os
 import signal
 import sys
 from argparse import Namespace
-from typing import Callable, NoReturn
+from collections.abc import Callable
 
 from launcher.cli import UsageError
 from launcher.errors import ChildFailedError, HostsError, SignalException, record_launch_failure
 from launcher.rendezvous import RendezvousError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 log = logging.getLogger("launcher")
 

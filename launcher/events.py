@@ -23,7 +23,10 @@ import sys
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["AgentEvent", "EventLog", "EventSource", "WorkerStatus"]
 

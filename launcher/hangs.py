@@ -28,7 +28,7 @@ import math
 import os
 import signal
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from launcher.errors import signal_name
 from launcher.stacks import StackDumps, process_state

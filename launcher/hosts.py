@@ -50,12 +50,16 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Callable
 
 from launcher.config import NOTIFYING_SIGNALS, parse_signals
 from launcher.errors import HostsError, SignalException, signal_name
 from launcher.rendezvous.options import backend_config, host_ok, parse_rdzv_conf
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO
 
 log = logging.getLogger("launcher")
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 from argparse import ArgumentParser, Namespace
-from typing import NoReturn
 
 from launcher import cli
 from launcher.console import console_main
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 log = logging.getLogger("launcher")
 

@@ -39,8 +39,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from launcher._native.supervisor import OutputRoute, SignalWatch, Supervisor
 from launcher.errors import signal_name

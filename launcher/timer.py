@@ -35,8 +35,8 @@ import os
 import signal
 import stat
 import uuid
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Collection, Mapping
 
 __all__ = ["ENABLE_FILE_TIMER_ENV", "TIMER_FILE_ENV", "FileTimerServer", "Timer"]
 

@@ -80,9 +80,10 @@ def finish(*procs, timeout=180):
     return results
 
 
-def help_imports():
-    """``python -m launcher --help``: its output and the modules it imported, in order (-X importtime)."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher", "--help"], cwd=REPO,
+def launcher_imports(*args):
+    """``python -m launcher ARGS``, which must succeed: its output and the modules it imported, in order (-X
+    importtime). Without site (-S), as the single binary starts: the modules are the launcher's alone."""
+    result = subprocess.run([sys.executable, "-S", "-X", "importtime", "-m", "launcher", *args], cwd=REPO,
                             env=clean_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()

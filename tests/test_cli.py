@@ -12,7 +12,7 @@ import sys
 import uuid
 
 import pytest
-from helpers import WORKERS, clean_env, help_imports, run_launcher
+from helpers import WORKERS, clean_env, launcher_imports, run_launcher
 
 from launcher import cli
 from launcher.rendezvous.options import parse_min_max_nnodes, parse_rdzv_conf
@@ -509,7 +509,7 @@ def test_nproc_gpu_with_three_fake_gpus():
 
 
 def test_help_imports_no_torch_and_lists_every_option():
-    help_text, imported = help_imports()
+    help_text, imported = launcher_imports("--help")
     assert "launcher.cli" in imported
     assert not [name for name in imported
                 if name.split(".")[0] == "torch" or name in ("launcher.api", "launcher.agent")]

@@ -5,7 +5,7 @@ import os
 import subprocess
 
 import pytest
-from helpers import LAUNCHER, REPO, WORKERS, clean_env, help_imports, read_env, run_launcher, start_launcher
+from helpers import LAUNCHER, REPO, WORKERS, clean_env, launcher_imports, read_env, run_launcher, start_launcher
 
 TORCHRUN_ENV = [
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
@@ -16,9 +16,17 @@ TORCHRUN_ENV = [
 
 
 def test_launcher_never_imports_torch():
-    _, imported = help_imports()
+    _, imported = launcher_imports("--help")
     assert "launcher" in imported
     assert not [name for name in imported if name.split(".")[0] == "torch"]
+
+
+def test_a_standalone_launch_imports_no_module_its_start_does_not_use():
+    # Each is milliseconds of every start: typing (annotations name its types only for type checkers),
+    # ipaddress (an endpoint that is "localhost" needs no address parsing).
+    _, imported = launcher_imports("--standalone", "--nproc-per-node=2", "--no-python", "true")
+    assert "launcher.agent" in imported  # the launch ran
+    assert [name for name in imported if name in ("typing", "ipaddress")] == []
 
 
 def test_native_parts_are_compiled_extensions():

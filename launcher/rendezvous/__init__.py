@@ -30,11 +30,15 @@ state's key-value interface and the TCP store's implementation of it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable
 
 from launcher.rendezvous.options import BACKENDS, backend_config
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "NodeInfo",

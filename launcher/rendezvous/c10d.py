@@ -8,9 +8,7 @@ Its keys are below ``launcher/rdzv/<run id>/`` (see keyvalue.py's StoreBackend).
 """
 from __future__ import annotations
 
-import ipaddress
 import socket
-from typing import Any
 
 from launcher.rendezvous import RendezvousConnectionError, RendezvousHandler, RendezvousParameters
 from launcher.rendezvous.dynamic import DynamicRendezvousHandler, Settings
@@ -18,11 +16,17 @@ from launcher.rendezvous.keyvalue import AGENT_KEY_PREFIX, StoreBackend
 from launcher.rendezvous.options import parse_rdzv_endpoint
 from launcher.store import DistError, DistNetworkError, StoreInterrupted, TCPStore
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 def _is_this_machine(host: str) -> bool:
     """Whether ``host`` names this machine (torch's _matches_machine_hostname)."""
     if host == "localhost":
         return True
+    import ipaddress  # here: "localhost", --standalone's endpoint, does without it
+
     try:
         if ipaddress.ip_address(host).is_loopback:
             return True

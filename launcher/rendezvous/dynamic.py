@@ -53,8 +53,8 @@ import json
 import logging
 import select
 import time
+from collections import namedtuple
 from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 from launcher.rendezvous import (
     NodeInfo,
@@ -79,6 +79,10 @@ from launcher.rendezvous.keyvalue import (
     node_pid,
 )
 from launcher.store import DistNetworkError, StoreInterrupted, StoreServer, TCPStore
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("launcher.rendezvous")
 
@@ -117,15 +121,14 @@ class Settings:
         return self.keep_alive_interval * self.keep_alive_max_attempt
 
 
-class Member(NamedTuple):
-    """A node in a round; encoded as a JSON array, which the coordinator decodes fast."""
+class Member(namedtuple("Member", "id addr local_world_size role port last_round")):
+    """A node in a round; encoded as a JSON array, which the coordinator decodes fast.
 
-    id: str  # unique per handler: addr_pid_random
-    addr: str
-    local_world_size: int
-    role: str
-    port: int  # of the workers' store this node hosts if it becomes rank 0
-    last_round: int  # the round this node last ran in (-1: none): a rejoining member, or a newcomer
+    id: unique per handler (addr_pid_random); port: of the workers' store this node hosts if it becomes rank 0;
+    last_round: the round this node last ran in (-1: none): a rejoining member, or a newcomer.
+    """
+
+    __slots__ = ()
 
     def encode(self) -> bytes:
         return json.dumps(self, separators=(",", ":")).encode()

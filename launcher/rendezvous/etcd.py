@@ -33,8 +33,8 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher.rendezvous import RendezvousConnectionError, RendezvousError, RendezvousHandler, RendezvousParameters
 from launcher.rendezvous.dynamic import DynamicRendezvousHandler, Settings
@@ -42,8 +42,10 @@ from launcher.rendezvous.keyvalue import KeyValueBackend
 from launcher.rendezvous.options import Endpoint, parse_rdzv_endpoint
 from launcher.store import StoreInterrupted
 
-if TYPE_CHECKING:  # imported for https endpoints only (see above)
-    import ssl
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ssl  # imported for https endpoints only (see above)
+    from typing import Any
 
 RUN_TTL = 7200  # seconds the run's keys outlive its last heartbeat
 RUN_KEEPALIVE_INTERVAL = 60.0

@@ -24,10 +24,14 @@ import os
 import socket
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from collections.abc import Callable
 
 from launcher.rendezvous import RendezvousConnectionError
 from launcher.store import DistError, DistStoreError, PrefixStore, StoreInterrupted, TCPStore
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Prefix of every key the agents (not the workers) keep in a store: in the
 # workers' store, the static backend clears everything else between rounds.

@@ -7,8 +7,12 @@ accepts is one the handlers understand.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 BACKENDS = ("c10d", "etcd", "static")
 C10D_DEFAULT_PORT = 29400  # torchrun's, for a c10d endpoint given without a port

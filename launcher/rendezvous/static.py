@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
 
 from launcher.rendezvous import (
     NodeInfo,
@@ -45,6 +45,10 @@ from launcher.rendezvous.keyvalue import (
 )
 from launcher.rendezvous.options import parse_rdzv_endpoint
 from launcher.store import DistError, DistNetworkError, StoreInterrupted, TCPStore
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("launcher.rendezvous")
 
