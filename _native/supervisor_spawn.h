@@ -66,6 +66,7 @@ struct launcher_spawn_spec {
     unsigned long mem_nodes_bits;
     const struct launcher_cgroup *cgroup; /* NULL: the job has no cgroup */
     const struct rlimit *open_files;      /* RLIMIT_NOFILE to give it; NULL: the launcher's */
+    unsigned started;                     /* the workers of its group started before it (see launcher_spawn) */
 };
 
 #ifndef SYS_close_range
@@ -155,7 +156,8 @@ static int launcher_default_signals(void) {
     return sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
-static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t parent, int report_fd, int joined) {
+static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t parent, int report_fd, int joined,
+                                  const cpu_set_t *launcher_cpus) {
     /* First: whatever it starts from here on is in the job's cgroup too. */
     if (spec->cgroup && !joined && launcher_cgroup_join(spec->cgroup) != 0)
         launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CGROUP);
@@ -171,6 +173,9 @@ static void launcher_worker_child(const struct launcher_spawn_spec *spec, pid_t 
         launcher_report_and_exit(report_fd, LAUNCHER_STAGE_SETUP);
     if (spec->cwd && chdir(spec->cwd) != 0) launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CWD);
     if (spec->cpus && sched_setaffinity(0, spec->cpus_size, spec->cpus) != 0)
+        launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CPUS);
+    /* Born on the launcher's CPU alone: the worker may use what the launcher may. */
+    if (!spec->cpus && launcher_cpus && sched_setaffinity(0, sizeof *launcher_cpus, launcher_cpus) != 0)
         launcher_report_and_exit(report_fd, LAUNCHER_STAGE_CPUS);
     /* The kernel reads maxnode - 1 bits of the mask. */
     if (spec->mem_nodes && syscall(SYS_set_mempolicy, MPOL_BIND, spec->mem_nodes, spec->mem_nodes_bits + 1) != 0)
@@ -252,17 +257,19 @@ __asm__(
 #define LAUNCHER_SPAWN_SHARES_MEMORY 0
 #endif
 
-/* What the child of launcher_spawn needs, and whether it was born in the job's cgroup. */
+/* What the child of launcher_spawn needs, whether it was born in the job's cgroup, and the CPUs the
+ * launcher may use when it was born on the launcher's alone (NULL otherwise). */
 struct launcher_child {
     const struct launcher_spawn_spec *spec;
     pid_t parent;
     int report_fd;
     int joined;
+    const cpu_set_t *launcher_cpus;
 };
 
 static void launcher_child_main(void *child) {
     const struct launcher_child *c = (const struct launcher_child *)child;
-    launcher_worker_child(c->spec, c->parent, c->report_fd, c->joined);
+    launcher_worker_child(c->spec, c->parent, c->report_fd, c->joined, c->launcher_cpus);
 }
 
 /* Start the worker's child, born in the job's cgroup where the kernel can (cgroup v2, Linux 5.7): a
@@ -304,6 +311,25 @@ static pid_t launcher_clone_child(struct launcher_child *child, char *stack, siz
     return pid;
 }
 
+/* Where a worker is born. The kernel places a new process on the least loaded CPU it may use; once each
+ * of the launcher's other CPUs runs a worker the group just started, that may be behind a worker whose
+ * start-up keeps its CPU busy, while this thread's CPU idles until the child's exec (a CPU that was busy
+ * until a moment ago does not pull waiting tasks when it goes idle): the worker then starts 5-10 ms late,
+ * the last of a 2-worker group on 2 CPUs at nearly every start. From then on the child is born on this
+ * thread's CPU, which is free until its exec: this thread takes that CPU alone as its mask, which the
+ * child inherits and resets before exec, and takes back ``*launcher_cpus`` once the child has exec'd.
+ * Returns whether it did; nothing is changed where the masks cannot be read or set (over 1024 CPUs). */
+static int launcher_pin_to_this_cpu(unsigned started, cpu_set_t *launcher_cpus) {
+    if (sched_getaffinity(0, sizeof *launcher_cpus, launcher_cpus) != 0) return 0;
+    if (started + 1 < (unsigned)CPU_COUNT(launcher_cpus)) return 0;
+    int cpu = sched_getcpu();
+    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, launcher_cpus)) return 0;
+    cpu_set_t here;
+    CPU_ZERO(&here);
+    CPU_SET(cpu, &here);
+    return sched_setaffinity(0, sizeof here, &here) == 0;
+}
+
 /* Start and exec one worker. Returns its pid once exec has succeeded; -1 with
  * errno set and *stage naming the failed step otherwise (the child is reaped). */
 static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) {
@@ -322,9 +348,15 @@ static pid_t launcher_spawn(const struct launcher_spawn_spec *spec, int *stage) 
         errno = error;
         return -1;
     }
-    struct launcher_child child = {spec, getpid(), report[1], 0};
+    struct launcher_child child = {spec, getpid(), report[1], 0, NULL};
+    cpu_set_t launcher_cpus;
+    int born_here = launcher_pin_to_this_cpu(spec->started, &launcher_cpus);
+    if (born_here) child.launcher_cpus = &launcher_cpus;
     pid_t pid = launcher_clone_child(&child, stack, sizeof stack);
     int fork_errno = errno;
+    /* Back to the CPUs it had a moment ago. Only a cpuset that changed meanwhile to none of them refuses
+     * this, and such a change has given the thread the cpuset's CPUs already. */
+    if (born_here) (void)sched_setaffinity(0, sizeof launcher_cpus, &launcher_cpus);
     error = pthread_sigmask(SIG_SETMASK, &previous, NULL);
     close(report[1]);
     if (pid < 0 || error != 0) {

@@ -234,6 +234,24 @@ def test_workers_start_clean(tmp_path):
     assert seen["cwd"] == str(tmp_path) and seen["cpus"] == [0]
 
 
+def test_workers_born_on_the_launchers_cpu_may_use_every_cpu_the_launcher_may(tmp_path):
+    """Once the group's workers fill the launcher's other CPUs, the next ones are born on the spawning
+    thread's CPU alone (launcher_spawn): each leaves that mask for the launcher's, and so does the thread."""
+    previous = os.sched_getaffinity(0)
+    allowed = sorted(previous)[:2]
+    script = "import os; print(sorted(os.sched_getaffinity(0)))"
+    os.sched_setaffinity(0, allowed)  # the workers' CPUs are this thread's: 3 workers fill 2 CPUs
+    try:
+        group, attempt = in_process_group(tmp_path, [[sys.executable, "-c", script]] * 3, redirects=Std.OUT)
+        group.start()
+        assert sorted(os.sched_getaffinity(0)) == allowed
+        while len(group.exits) < 3:
+            group.wait(timeout=60)
+    finally:
+        os.sched_setaffinity(0, previous)
+    assert [open(logs.stdout.file).read() for logs in attempt.workers.values()] == [f"{allowed}\n"] * 3
+
+
 @pytest.mark.skipif(
     not os.path.exists("/proc/self/numa_maps"), reason="this kernel has no NUMA support (no /proc/self/numa_maps)"
 )

@@ -31,6 +31,7 @@ cdef extern from "supervisor_spawn.h" nogil:
         unsigned long mem_nodes_bits
         const launcher_cgroup *cgroup
         const rlimit *open_files
+        unsigned started
     struct launcher_guardian_record:
         int32_t op
         int32_t value

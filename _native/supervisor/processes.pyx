@@ -249,6 +249,7 @@ cdef class Supervisor:
                 spec.cwd = <bytes>cwd
             spec.stdout_fd = child_fds[0]
             spec.stderr_fd = child_fds[1]
+            spec.started = index
             if cpus is not None:
                 ncpus = max(cpus) + 1
                 cpu_set = CPU_ALLOC(ncpus)
@@ -281,7 +282,8 @@ cdef class Supervisor:
                 if stage == LAUNCHER_STAGE_CWD:
                     raise os_error(error, "cannot change to the working directory", os.fsdecode(cwd))
                 if stage == LAUNCHER_STAGE_CPUS:
-                    raise os_error(error, f"cannot bind to CPUs {sorted(cpus)}", program)
+                    where = sorted(cpus) if cpus is not None else sorted(os.sched_getaffinity(0))
+                    raise os_error(error, f"cannot bind to CPUs {where}", program)
                 if stage == LAUNCHER_STAGE_MEM_NODES:
                     raise os_error(error, f"cannot bind memory to NUMA nodes {sorted(mem_nodes)}", program)
                 if stage == LAUNCHER_STAGE_EXEC:
