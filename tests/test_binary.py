@@ -11,7 +11,6 @@ interpreter named by --python for the workers.
 """
 import ctypes
 import fcntl
-import io
 import json
 import os
 import pty
@@ -22,7 +21,6 @@ import sys
 import termios
 import time
 import uuid
-import zipfile
 
 import bundle
 import pytest
@@ -114,16 +112,17 @@ def two_nodes(bare, *args):
 
 
 def carried_names(built, tmp_path):
-    """Every file in the bundle (the one-directory build), every module in the PYZ archive its launcher program
-    carries and every file in its base_library.zip."""
+    """Every file in the bundle (the one-directory build), the module each .pyc file is, and every module in the
+    PYZ archive its launcher program carries (PyInstaller's bootstrap: each module else is a file)."""
     from PyInstaller.archive.readers import CArchiveReader
 
     _, files = built
     names = {name.removeprefix("_internal/") for name in files}
+    names |= {name.removesuffix("/__init__.pyc").removesuffix(".pyc").replace("/", ".")
+              for name in names if name.endswith(".pyc")}
     program = tmp_path / "launcher"
     program.write_bytes(files["launcher"])
     names |= set(CArchiveReader(str(program)).open_embedded_archive("PYZ.pyz").toc)
-    names |= set(zipfile.ZipFile(io.BytesIO(files["_internal/base_library.zip"])).namelist())
     return names
 
 
@@ -452,10 +451,10 @@ def test_a_copy_that_lost_files_is_replaced(bare, built):
     lost = [path for path in files if path.startswith("_internal/libpython")]
     for path in lost:
         (copy / path).unlink()  # as a cleaner of old files in /tmp would
-    (copy / "_internal" / "base_library.zip").write_bytes(b"")  # and a damaged file
+    (copy / "_internal" / "launcher" / "cli.pyc").write_bytes(b"")  # and a damaged file
     result = bare.run("--version")
     assert result.returncode == 0, result.stderr
-    for path in [*lost, "_internal/base_library.zip"]:
+    for path in [*lost, "_internal/launcher/cli.pyc"]:
         assert (copy / path).read_bytes() == files[path]
     assert bare.copies() == [bare.copy_name]
 
@@ -516,7 +515,7 @@ def test_a_damaged_binary_fails_in_one_line_and_leaves_nothing(bare, tmp_path, d
     with open(BINARY, "rb") as built:
         whole = bytearray(built.read())
     [(path, offset, stored)] = [(path, offset, stored) for path, kind, offset, stored in bundle.entries(whole)
-                                if path == "_internal/base_library.zip"]
+                                if path == "_internal/launcher/cli.pyc"]
     at = offset + stored // 2 if damage == "data" else whole.rindex(path.encode())
     whole[at] ^= 0x10
     damaged = tmp_path / "launcher"
