@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -52,6 +51,7 @@ from launcher.events import AgentEvent, EventLog, WorkerStatus
 from launcher.hangs import Ending, HangWatch
 from launcher.logs import AttemptLogs
 from launcher.rendezvous import RendezvousError, RendezvousHandler, RendezvousInfo
+from launcher.rendezvous.keyvalue import fqdn
 from launcher.store import StoreInterrupted
 from launcher.supervisor import EventKind, SignalWatch, WorkerExit, WorkerGroup, WorkerLaunch
 
@@ -125,7 +125,7 @@ class Agent:
         self.args = list(args)
         self.handler = handler
         self.signals = signals
-        self.host = socket.getfqdn()
+        self.host = fqdn()
         self.restart_count = 0  # every restart, membership changes included (TORCHELASTIC_RESTART_COUNT)
         self.remaining_restarts = config.max_restarts  # failures left to restart after
         self.ranks: Ranks | None = None  # this node's place in the latest round

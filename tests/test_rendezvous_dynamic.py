@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from launcher.rendezvous import (
     create_handler,
     dynamic,
 )
+from launcher.rendezvous.keyvalue import node_address
 from launcher.store import StoreInterrupted, TCPStore
 
 # Short timeouts so rounds complete quickly; liveness = 1 s x 2.
@@ -85,6 +87,11 @@ def check_round(infos, n):
     by_rank = {i.rank: i for i in infos}
     assert infos[0].master_addr == nodes[0].addr
     return by_rank
+
+
+def test_a_node_is_reached_at_its_local_addr_else_at_the_fqdn_python_finds():
+    assert node_address("10.1.2.3") == "10.1.2.3"
+    assert node_address(None) == socket.getfqdn()
 
 
 @pytest.mark.parametrize("n", [2, 3])

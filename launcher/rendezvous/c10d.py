@@ -12,7 +12,7 @@ import socket
 
 from launcher.rendezvous import RendezvousConnectionError, RendezvousHandler, RendezvousParameters
 from launcher.rendezvous.dynamic import DynamicRendezvousHandler, Settings
-from launcher.rendezvous.keyvalue import AGENT_KEY_PREFIX, StoreBackend
+from launcher.rendezvous.keyvalue import AGENT_KEY_PREFIX, StoreBackend, fqdn
 from launcher.rendezvous.options import parse_rdzv_endpoint
 from launcher.store import DistError, DistNetworkError, StoreInterrupted, TCPStore
 
@@ -32,7 +32,7 @@ def _is_this_machine(host: str) -> bool:
             return True
     except ValueError:
         pass
-    if host in (socket.gethostname(), socket.getfqdn()):
+    if host in (socket.gethostname(), fqdn()):
         return True
     try:
         theirs = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
