@@ -4,11 +4,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import uuid
 from collections.abc import Callable
 
 from launcher import agent, rendezvous
-from launcher.config import LaunchConfig, parse_signals
+from launcher.config import LaunchConfig, parse_signals, random_uuid
 from launcher.errors import ChildFailedError, SignalException, write_summary_json
 from launcher.supervisor import SignalWatch
 
@@ -70,7 +69,7 @@ def launch_agent(config: LaunchConfig, entrypoint: Callable | str, args: list[An
     so the other nodes can carry on (torchrun's rule).
     """
     if not config.run_id:
-        config.run_id = str(uuid.uuid4().int)
+        config.run_id = str(int(random_uuid().replace("-", ""), 16))  # torch's form: the UUID's integer
         log.warning("config has no run_id, generated a random run_id: %s", config.run_id)
     name = _get_entrypoint_name(entrypoint, args)
     with SignalWatch(parse_signals(config.signals_to_handle)) as signals:

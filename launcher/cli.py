@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from argparse import (
     REMAINDER,
     SUPPRESS,
@@ -39,7 +38,7 @@ from argparse import (
 from collections.abc import Callable, Collection
 
 import launcher
-from launcher.config import LaunchConfig, parse_signals
+from launcher.config import LaunchConfig, parse_signals, random_uuid
 from launcher.devices import NPROC_EXPECTED, NUMA_MODES, determine_local_world_size, nproc_per_node_ok, numa_bindings
 from launcher.logs import LogsSpecs, Std
 from launcher.rendezvous.options import (
@@ -619,7 +618,7 @@ def prepare_launch(args: Namespace):
         ]
         if ignored:
             log.warning("--standalone: ignoring %s; using a local c10d store on a free port", " ".join(ignored))
-        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", random_uuid()
         log.info("Rendezvous info: --rdzv-backend=c10d --rdzv-endpoint=localhost:0 --rdzv-id=%s", args.rdzv_id)
     else:
         apply_slurm_defaults(args, os.environ)
@@ -627,7 +626,7 @@ def prepare_launch(args: Namespace):
         if args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None and max_nodes == 1:
             args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"
             if "rdzv_id" not in args.explicit:
-                args.rdzv_id = str(uuid.uuid4())
+                args.rdzv_id = random_uuid()
     if args.master_port is None:
         args.master_port = DEFAULT_MASTER_PORT
     if args.rdzv_backend != "static" and not args.rdzv_endpoint and {"master_addr", "master_port"} & args.explicit:

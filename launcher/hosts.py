@@ -49,11 +49,10 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from launcher.config import NOTIFYING_SIGNALS, parse_signals
+from launcher.config import NOTIFYING_SIGNALS, parse_signals, random_uuid
 from launcher.errors import HostsError, SignalException, signal_name
 from launcher.rendezvous.options import backend_config, host_ok, parse_rdzv_conf
 
@@ -464,7 +463,7 @@ class HostsLaunch:
         self.cwd = os.getcwd()
         self.nproc_per_node = args.nproc_per_node
         self.rdzv_conf = ",".join(f"{key}={value}" for key, value in rdzv_conf.items())
-        self.run_id = args.rdzv_id if "rdzv_id" in args.explicit else str(uuid.uuid4())
+        self.run_id = args.rdzv_id if "rdzv_id" in args.explicit else random_uuid()
         self.signals_to_handle = parse_signals(args.signals_to_handle)
         self.passed_options = passed_options
         self.program_args = [args.training_script, *args.training_script_args]

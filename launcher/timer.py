@@ -34,9 +34,10 @@ import math
 import os
 import signal
 import stat
-import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+
+from launcher.config import random_uuid
 
 __all__ = ["ENABLE_FILE_TIMER_ENV", "TIMER_FILE_ENV", "FileTimerServer", "Timer"]
 
@@ -69,7 +70,7 @@ class FileTimerServer:
         without ``TORCHELASTIC_TIMER_FILE`` its FIFO is made in ``directory``."""
         if environ.get(ENABLE_FILE_TIMER_ENV) != "1":
             return None
-        return cls(environ.get(TIMER_FILE_ENV) or os.path.join(directory, f"watchdog_timer_{uuid.uuid4()}"))
+        return cls(environ.get(TIMER_FILE_ENV) or os.path.join(directory, f"watchdog_timer_{random_uuid()}"))
 
     def __init__(self, path: str):
         self.path = path

@@ -2,10 +2,11 @@
 import os
 import signal
 import sys
+import uuid
 from unittest import mock
 
 import pytest
-from helpers import WORKERS, run_launcher
+from helpers import WORKERS, read_env, run_launcher
 
 from launcher.agent import RunResult
 from launcher.api import LaunchConfig, _get_entrypoint_name, elastic_launch, launch_agent
@@ -67,6 +68,13 @@ def test_elastic_launch_of_a_script_and_of_a_bash_program(tmp_path):
     elastic_launch(config(), f"{WORKERS}/env_dump.sh")(str(tmp_path / "sh"))
     assert sorted(os.listdir(tmp_path / "py")) == ["0.json", "1.json"]
     assert sorted(os.listdir(tmp_path / "sh")) == ["0.env", "1.env"]
+
+
+def test_a_config_without_a_run_id_runs_under_a_random_one_in_torchs_form(tmp_path):
+    elastic_launch(config(), f"{WORKERS}/env_dump.sh")(str(tmp_path))
+    run_ids = {read_env(tmp_path / f"{rank}.env")["TORCHELASTIC_RUN_ID"] for rank in range(2)}
+    (run_id,) = run_ids
+    assert uuid.UUID(int=int(run_id)).version == 4  # str(uuid.uuid4().int), as torch's elastic_launch makes it
 
 
 def test_entrypoint_names():

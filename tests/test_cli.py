@@ -407,6 +407,14 @@ def test_standalone_uses_a_fresh_local_store():
     assert str(uuid.UUID(config.run_id)) == config.run_id
 
 
+def test_a_run_id_made_up_is_a_random_uuid_as_torchrun_makes_it():
+    made = [prepare("--standalone")[0].run_id for _ in range(200)]
+    assert len(set(made)) == len(made)
+    for run_id in made:
+        assert str(uuid.UUID(run_id)) == run_id
+        assert (uuid.UUID(run_id).version, uuid.UUID(run_id).variant) == (4, uuid.RFC_4122)
+
+
 def test_standalone_ignores_given_rendezvous_flags_with_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="launcher"):
         config, _, _ = prepare("--standalone", "--rdzv-backend=etcd", "--rdzv-endpoint=etcd:2379", "--rdzv-id=x")

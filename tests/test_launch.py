@@ -24,10 +24,11 @@ def test_launcher_never_imports_torch():
 def test_a_standalone_launch_imports_no_module_its_start_does_not_use():
     # Each is milliseconds of every start: typing (annotations name its types only for type checkers),
     # ipaddress (an endpoint that is "localhost" needs no address parsing), the IDNA codec (an ASCII host
-    # name is looked up as bytes).
+    # name is looked up as bytes), uuid and the platform module it imports (a run id is made without it).
     _, imported = launcher_imports("--standalone", "--nproc-per-node=2", "--no-python", "true")
     assert "launcher.agent" in imported  # the launch ran
-    assert [name for name in imported if name in ("typing", "ipaddress", "encodings.idna")] == []
+    unused = ("typing", "ipaddress", "encodings.idna", "uuid", "platform")
+    assert [name for name in imported if name in unused] == []
 
 
 def test_native_parts_are_compiled_extensions():
