@@ -48,7 +48,7 @@ def agents_store(round: int, store: Any) -> PrefixStore:
 def fqdn() -> str:
     """This machine's fully qualified name as ``socket.getfqdn()`` finds it (torch's node address), an ASCII
     host name looked up as bytes: a str goes through the IDNA codec, whose first use imports stringprep and
-    unicodedata (1.6 ms of every start)."""
+    unicodedata (about 1 ms of every start)."""
     name = socket.gethostname()
     try:
         hostname, aliases, _ = socket.gethostbyaddr(name.encode() if name.isascii() else name)
